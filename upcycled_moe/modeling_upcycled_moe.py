@@ -1,0 +1,682 @@
+"""UpcycledMoe: a decoder-only sparse Mixture-of-Experts model upcycled from a dense Llama/Mistral/Qwen/Nemotron.
+
+One model, one file, read top to bottom: rotary helpers, norms, attention, dense MLP, router, experts, sparse MoE
+block, decoder layer, pre-trained model, model, losses, causal-LM head. Shipped as remote code next to the weights,
+so it imports only torch and transformers (and its sibling files, relatively).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_upcycled_moe import UpcycledMoeConfig
+
+try:  # optional fused experts path (Triton / grouped GEMM); the model works without it
+    from .fused_moe import fused_experts_forward
+
+    ALL_EXPERTS_FUNCTIONS.register("upcycled_fused", fused_experts_forward)
+except ImportError:
+    fused_experts_forward = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (full or partial, as in Nemotron)
+# ----------------------------------------------------------------------------------------------------------------
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Rotates the first cos.shape[-1] channels of each head; the rest pass through (partial rotary)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_rot = (q_rot * cos) + (rotate_half(q_rot) * sin)
+    k_rot = (k_rot * cos) + (rotate_half(k_rot) * sin)
+    return torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
+
+
+class UpcycledMoeRotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: UpcycledMoeConfig, device=None):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(self.config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        dim = int(head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x, position_ids):
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        position_ids = position_ids[:, None, :].float()
+        device_type = x.device.type if isinstance(x.device.type, str) and x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            freqs = (inv_freq.float() @ position_ids.float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Norms
+# ----------------------------------------------------------------------------------------------------------------
+class UpcycledMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class UpcycledMoeLayerNorm1P(nn.LayerNorm):
+    """Nemotron's LayerNorm: the stored weight is an offset from 1 (zero-centred gamma)."""
+
+    def forward(self, hidden_states):
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            return F.layer_norm(hidden_states, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)
+
+
+def make_norm(config: UpcycledMoeConfig, size: int) -> nn.Module:
+    if config.norm_type == "layernorm1p":
+        return UpcycledMoeLayerNorm1P(size, eps=config.rms_norm_eps)
+    return UpcycledMoeRMSNorm(size, eps=config.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class UpcycledMoeAttention(nn.Module):
+    """GQA self-attention with the source families' variations: q/k/v/o biases, q/k norm, sliding window."""
+
+    def __init__(self, config: UpcycledMoeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = UpcycledMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = UpcycledMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, routed experts, sparse MoE block
+# ----------------------------------------------------------------------------------------------------------------
+class UpcycledMoeMLP(nn.Module):
+    """The dense FFN: gated (SwiGLU: down(act(gate) * up)) or plain (Nemotron: down(relu2(up)))."""
+
+    def __init__(self, config: UpcycledMoeConfig, intermediate_size: int):
+        super().__init__()
+        self.gated = config.mlp_gated
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k that breaks ties by lower index, so a virtual group of bit-identical experts is taken whole."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def route(router_logits: torch.Tensor, config: UpcycledMoeConfig):
+    """(T, E) fp32 logits -> (balance probabilities (T, E), top-k weights (T, k), top-k indices (T, k))."""
+    k = config.num_experts_per_tok
+    if config.router_type == "sigmoid_topk":
+        scores = torch.sigmoid(router_logits)
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+    else:
+        scores = probs = torch.softmax(router_logits, dim=-1)
+    top_k_weights, top_k_index = stable_topk(scores, k)
+    if config.router_type == "topk_softmax" or config.norm_topk_prob:
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    return probs, top_k_weights, top_k_index
+
+
+def capacity_keep_mask(top_k_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """(T, k) bool: slots within each expert's capacity. First choices of all tokens outrank second choices."""
+    slots = top_k_index.t().reshape(-1)  # choice-major order: every token's first choice, then second, ...
+    one_hot = F.one_hot(slots, num_experts)
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
+    return (position < capacity).view(top_k_index.shape[1], -1).t()
+
+
+class UpcycledMoeRouter(nn.Module):
+    """Linear router computed in float32; returns (router_logits, top_k_weights, top_k_index)."""
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.float()
+        if self.training and self.config.router_jitter_noise > 0:
+            eps = self.config.router_jitter_noise
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - eps, 1.0 + eps)
+        router_logits = F.linear(hidden_states, self.weight.float())
+        _, top_k_weights, top_k_index = route(router_logits, self.config)
+        capacity = self.config.expert_capacity(hidden_states.shape[0])
+        if capacity is not None:
+            top_k_weights = top_k_weights * capacity_keep_mask(top_k_index, self.config.num_experts, capacity)
+        return router_logits, top_k_weights, top_k_index
+
+
+@use_experts_implementation
+class UpcycledMoeExperts(nn.Module):
+    """Gated routed experts as fused 3D parameters (transformers' layout: gate rows first, then up)."""
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_ffn(self, expert_idx, x):
+        gate, up = F.linear(x, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
+
+
+@use_experts_implementation(has_gate=False)
+class UpcycledMoePlainExperts(nn.Module):
+    """Routed experts without a gate (Nemotron: down(relu2(up)))."""
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def expert_ffn(self, expert_idx, x):
+        return F.linear(self.act_fn(F.linear(x, self.up_proj[expert_idx])), self.down_proj[expert_idx])
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
+
+
+def eager_experts_loop(experts, hidden_states, top_k_index, top_k_weights):
+    """Reference path: one GEMM pair per expert that received tokens; accumulates in float32."""
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=experts.num_experts + 1).permute(2, 1, 0)
+        expert_hit = (expert_mask.sum(dim=(-1, -2)) > 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == experts.num_experts:  # sentinel slot: dropped
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        expert_out = experts.expert_ffn(expert_idx, hidden_states[token_idx])
+        out.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, top_k_pos, None]).float())
+    return out.to(hidden_states.dtype)
+
+
+class UpcycledMoeSparseMoeBlock(nn.Module):
+    """Router + routed experts (+ always-on shared expert)."""
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__()
+        self.gate = UpcycledMoeRouter(config)
+        self.experts = UpcycledMoeExperts(config) if config.mlp_gated else UpcycledMoePlainExperts(config)
+        if config.num_shared_experts > 0:
+            width = config.num_shared_experts * config.shared_expert_intermediate_size
+            self.shared_expert = UpcycledMoeMLP(config, width)
+
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)
+        _, top_k_weights, top_k_index = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + self.shared_expert(flat)
+        return out.view(batch_size, sequence_length, hidden_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder layer and the model
+# ----------------------------------------------------------------------------------------------------------------
+class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: UpcycledMoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = UpcycledMoeAttention(config, layer_idx)
+        if config.mlp_layer_types[layer_idx] == "sparse":
+            self.mlp = UpcycledMoeSparseMoeBlock(config)
+        else:
+            self.mlp = UpcycledMoeMLP(config, config.intermediate_size)
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class UpcycledMoePreTrainedModel(PreTrainedModel):
+    config_class = UpcycledMoeConfig
+    config: UpcycledMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["UpcycledMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # data-dependent expert loop in the eager path
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(UpcycledMoeRouter, index=0),
+        "hidden_states": UpcycledMoeDecoderLayer,
+        "attentions": UpcycledMoeAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, UpcycledMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, UpcycledMoePlainExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, UpcycledMoeRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, UpcycledMoeLayerNorm1P):
+            init.zeros_(module.weight)  # gamma = weight + 1
+            init.zeros_(module.bias)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
+            "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
+            "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class UpcycledMoeModel(UpcycledMoePreTrainedModel):
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [UpcycledMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = make_norm(config, config.hidden_size)
+        self.rotary_emb = UpcycledMoeRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_masks[self.config.layer_types[layer_idx]],
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router losses and statistics
+# ----------------------------------------------------------------------------------------------------------------
+def _token_mask(attention_mask, num_tokens, device):
+    """Flat (T,) float mask of real tokens; padding (attention_mask == 0) is excluded from router losses."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != num_tokens:
+        return torch.ones(num_tokens, device=device)
+    return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def load_balancing_loss(router_logits, config: UpcycledMoeConfig, attention_mask=None) -> torch.Tensor:
+    """Switch loss E * sum_e f_e * P_e per sparse layer (f_e: share of token-slots, P_e: mean probability),
+    averaged over layers; 1.0 when perfectly balanced."""
+    num_experts, k = config.num_experts, config.num_experts_per_tok
+    losses = []
+    for logits in router_logits:
+        logits = logits.float()
+        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
+        probs, _, top_k_index = route(logits, config)
+        slots = torch.zeros(num_experts, device=logits.device).scatter_add_(
+            0, top_k_index.reshape(-1), mask.repeat_interleave(k)
+        )
+        n = mask.sum().clamp(min=1.0)
+        f = slots / (n * k)
+        p = (probs * mask[:, None]).sum(0) / n
+        losses.append(num_experts * (f * p).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits, attention_mask=None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over sparse layers."""
+    losses = []
+    for logits in router_logits:
+        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2)
+        losses.append((z * mask).sum() / mask.sum().clamp(min=1.0))
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def routing_statistics(router_logits, config: UpcycledMoeConfig, attention_mask=None) -> dict[str, torch.Tensor]:
+    """Per sparse layer: expert load (share of token-slots), max/mean imbalance, router entropy, dropped share."""
+    loads, entropies, dropped = [], [], []
+    for logits in router_logits:
+        logits = logits.float()
+        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
+        probs, _, top_k_index = route(logits, config)
+        keep = torch.ones_like(top_k_index, dtype=torch.bool)
+        capacity = config.expert_capacity(logits.shape[0])
+        if capacity is not None:
+            keep = capacity_keep_mask(top_k_index, config.num_experts, capacity)
+        slot_mask = mask[:, None].expand_as(top_k_index)
+        counts = torch.zeros(config.num_experts, device=logits.device).scatter_add_(
+            0, top_k_index.reshape(-1), slot_mask.reshape(-1)
+        )
+        loads.append(counts / counts.sum().clamp(min=1.0))
+        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
+        entropies.append((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+        dropped.append(((~keep).float() * slot_mask).sum() / slot_mask.sum().clamp(min=1.0))
+    load = torch.stack(loads)
+    return {
+        "expert_load": load,  # (layers, experts)
+        "imbalance": load.max(-1).values / load.mean(-1),  # max/mean per layer; 1.0 = balanced
+        "router_entropy": torch.stack(entropies),
+        "dropped_fraction": torch.stack(dropped),
+    }
+
+
+@dataclass
+class UpcycledMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """Mixtral's output plus the (unweighted) router z-loss."""
+
+    z_loss: torch.FloatTensor | None = None
+
+
+def _label_token_count(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[..., 1:] != -100).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causal LM head
+# ----------------------------------------------------------------------------------------------------------------
+class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: UpcycledMoeConfig):
+        super().__init__(config)
+        self.model = UpcycledMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_dense(cls, source_or_model, **options):
+        """Online upcycling: build the MoE in memory from a dense checkpoint (path, Hub id, GGUF or model)."""
+        try:
+            from upcycled_moe.conversion import upcycle_in_memory
+        except ImportError as err:
+            raise ImportError("from_dense needs the upcycled-moe package: pip install upcycled-moe") from err
+        return upcycle_in_memory(source_or_model, model_class=cls, **options)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> UpcycledMoeCausalLMOutputWithPast:
+        r"""Returns the LM loss plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` whenever
+        `labels` are given (balancing is never silently off). Under Trainer (`num_items_in_batch`) the router terms
+        are weighted by this micro-batch's share of label tokens, so their effective weight does not change with
+        gradient accumulation or the number of ranks."""
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        has_sparse = "sparse" in self.config.mlp_layer_types
+        need_router = has_sparse and (output_router_logits or labels is not None)
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=need_router,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = aux_loss = z_loss = None
+        router_logits = outputs.router_logits if need_router else None
+        if router_logits:
+            aux_loss = load_balancing_loss(router_logits, self.config, attention_mask)
+            z_loss = router_z_loss(router_logits, attention_mask)
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if aux_loss is not None:
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:  # Trainer sums micro-batch losses instead of averaging them
+                    share = _label_token_count(labels).to(router_loss.device) / torch.as_tensor(
+                        num_items, device=router_loss.device
+                    ).clamp(min=1)
+                    router_loss = router_loss * share
+                loss = loss + router_loss.to(loss.device)
+
+        return UpcycledMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=router_logits if output_router_logits else None,
+            z_loss=z_loss,
+        )
+
+
+UpcycledMoeConfig.register_for_auto_class()
+UpcycledMoeModel.register_for_auto_class("AutoModel")
+UpcycledMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "UpcycledMoeForCausalLM",
+    "UpcycledMoeModel",
+    "UpcycledMoePreTrainedModel",
+    "load_balancing_loss",
+    "routing_statistics",
+    "router_z_loss",
+]
