@@ -299,3 +299,12 @@ def test_bf16_on_cuda_matches_fp32_eager_reference(impl):
     out = model(ids.cuda(), labels=ids.cuda())
     out.loss.backward()
     assert torch.isfinite(model.model.layers[0].mlp.experts.gate_up_proj.grad.float()).all()
+
+
+def test_flops_count_active_parameters_only():
+    model = small_model(num_experts=8, num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"])
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    total = model.num_parameters(exclude_embeddings=True)
+    assert model.num_active_parameters() == total - experts + experts // 4
+    ids = torch.randint(0, 128, (3, 10))
+    assert model.floating_point_ops({"input_ids": ids}) == 6 * 30 * model.num_active_parameters()

@@ -427,6 +427,16 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)  # gamma = weight + 1
             init.zeros_(module.bias)
 
+    def num_active_parameters(self, exclude_embeddings: bool = True) -> int:
+        """Parameters one token uses: the routed experts count k/E of their size (for FLOPs and MFU)."""
+        total = self.num_parameters(exclude_embeddings=exclude_embeddings)
+        routed = sum(p.numel() for name, p in self.named_parameters() if ".mlp.experts." in name)
+        return int(total - routed * (1 - self.config.num_experts_per_tok / self.config.num_experts))
+
+    def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
+        """6 x tokens x ACTIVE parameters (Trainer's default counts every expert, overstating MoE FLOPs)."""
+        return 6 * self.estimate_tokens(input_dict) * self.num_active_parameters(exclude_embeddings)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
         self.config.auto_map = {
