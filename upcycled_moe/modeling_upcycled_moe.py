@@ -435,7 +435,8 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
 
     def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
         """6 x tokens x ACTIVE parameters (Trainer's default counts every expert, overstating MoE FLOPs)."""
-        return 6 * self.estimate_tokens(input_dict) * self.num_active_parameters(exclude_embeddings)
+        tokens = input_dict[self.main_input_name].numel() if self.main_input_name in input_dict else 0
+        return 6 * tokens * self.num_active_parameters(exclude_embeddings)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
