@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "dev": ["pytest>=8", "gguf>=0.10", "httpx"],
+        # triton: the fused kernels' tests run on CPU through the Triton interpreter
+        "dev": ["pytest>=8", "gguf>=0.10", "httpx", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "triton": ["triton>=3.2"],
     },
     entry_points={

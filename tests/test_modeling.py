@@ -227,13 +227,13 @@ def test_sdpa_and_eager_attention_agree():
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_eager_and_grouped_mm_experts_agree_with_working_backward(gated):
+def test_experts_implementations_agree_with_working_backward(gated):
     overrides = dict(mlp_gated=gated, hidden_act="silu" if gated else "relu2", capacity_factor=1.0)
     model = small_model(**overrides)
     ids = torch.randint(0, 128, (2, 16))
     grad_out = torch.randn(2, 16, 128)
     results = {}
-    for impl in ("eager", "grouped_mm"):
+    for impl in ("eager", "grouped_mm", "upcycled_fused"):
         model.zero_grad()
         model.set_experts_implementation(impl)
         logits = model(ids).logits
@@ -241,8 +241,9 @@ def test_eager_and_grouped_mm_experts_agree_with_working_backward(gated):
         experts = model.model.layers[1].mlp.experts
         weight = experts.gate_up_proj if gated else experts.up_proj
         results[impl] = (logits.detach(), weight.grad.clone(), model.model.embed_tokens.weight.grad.clone())
-    for a, b in zip(results["eager"], results["grouped_mm"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for impl in ("grouped_mm", "upcycled_fused"):
+        for a, b in zip(results["eager"], results[impl]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert results["eager"][1].abs().sum() > 0
 
 
@@ -282,7 +283,7 @@ def test_dense_and_sparse_layer_pattern_and_shared_expert_shapes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("impl", ["upcycled_fused", "grouped_mm", "eager"])
 def test_bf16_on_cuda_matches_fp32_eager_reference(impl):
     torch.manual_seed(0)
     reference = small_model(num_shared_experts=1).float()
@@ -308,3 +309,10 @@ def test_flops_count_active_parameters_only():
     assert model.num_active_parameters() == total - experts + experts // 4
     ids = torch.randint(0, 128, (3, 10))
     assert model.floating_point_ops({"input_ids": ids}) == 6 * 30 * model.num_active_parameters()
+
+
+def test_fused_experts_are_the_default_and_an_explicit_choice_wins(tmp_path):
+    model = small_model()
+    assert model.config._experts_implementation == "upcycled_fused"
+    model.save_pretrained(tmp_path)
+    assert UpcycledMoeForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").config._experts_implementation == "eager"

@@ -1,0 +1,272 @@
+"""End-to-end training step: tokens/s and MFU (active parameters) of UpcycledMoe vs the dense model of the same
+active shape.
+
+    python benchmarks/train_step.py                      # smollm2 + 1b, dense and MoE (upcycled_fused)
+    python benchmarks/train_step.py --models smollm2 --moe-impls upcycled_fused,grouped_mm
+    python benchmarks/train_step.py --no-compile --no-fused-ce   # plain eager transformers-style step
+
+Step = forward + backward + fused AdamW (torch.optim.AdamW(fused=True)), bf16 weights and optimizer states,
+random tokens, seq 2048, median of --steps steps after --warmup steps. Both models are UpcycledMoeForCausalLM:
+the MoE one has every MLP sparse (num_experts experts of width moe_width, top-k; router aux loss in the loss);
+the dense twin of the same ACTIVE shape has mlp_layer_types all "dense" with FFN width top_k x moe_width (a
+Llama-shaped model with the same active parameters and FLOPs per token).
+MFU = tokens/s x FLOPs/token / 989e12 with FLOPs/token = 6 x (matmul params, experts scaled by k/E, the embedding
+lookup excluded, a tied/untied lm_head counted once) + 6 x layers x seq x attention width (causal attention).
+Speed options (on by default, each can be turned off): torch.compile of each decoder layer (regional; the fused
+experts call is opaque to the compiler), a chunked fused linear + cross-entropy (no full fp32 logits), sdpa
+attention (flash kernel on H100).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+
+MODELS = {
+    # upcycled SmolLM2-135M: every expert a copy-shaped FFN of width 1536 (8 experts, top-2 -> 2 x 1536 active);
+    # its dense twin of the same active shape has an FFN of width 3072.
+    "smollm2": dict(hidden_size=576, moe_width=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, batch=16),
+    # ~1B-active MoE: hidden 2048, 16 layers, 8 experts of width 4096, top-2 (3.6B total); dense twin: Llama-1B-ish
+    # (FFN width 8192).
+    "1b": dict(hidden_size=2048, moe_width=4096, num_hidden_layers=16, num_attention_heads=16,
+               num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False, batch=8),
+}
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean CE of (h @ W^T) vs labels, computed in row chunks; grads computed in forward (logits never stored)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk):
+        n = h.shape[0]
+        valid = (labels != -100)
+        count = valid.sum().clamp(min=1).float()
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        for s in range(0, n, chunk):
+            hc, lc = h[s:s + chunk], labels[s:s + chunk]
+            logits = (hc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            vc = lc != -100
+            tgt = logits.gather(1, lc.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += ((lse - tgt) * vc).sum()
+            grad = torch.softmax(logits, dim=-1)  # reuse: d logits = softmax - onehot
+            grad[torch.arange(hc.shape[0], device=h.device), lc.clamp(min=0)] -= 1.0
+            grad *= (vc.float() / count).unsqueeze(1)
+            grad = grad.to(h.dtype)
+            dh[s:s + chunk] = grad @ weight
+            dw += (grad.t() @ hc).float()
+            del logits, grad
+        ctx.save_for_backward(dh, dw.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None
+
+
+def build(name, moe, impl, dtype, attn, experts, top_k):
+    from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
+
+    spec = dict(MODELS[name])
+    spec.pop("batch")
+    width = spec.pop("moe_width")
+    layers = spec["num_hidden_layers"]
+    cfg = UpcycledMoeConfig(
+        **spec, intermediate_size=width if moe else top_k * width,  # dense twin: same active FFN width
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width,
+        mlp_layer_types=["sparse" if moe else "dense"] * layers, router_type="softmax_topk",
+        router_aux_loss_coef=1e-2 if moe else 0.0, max_position_embeddings=4096, use_cache=False,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = UpcycledMoeForCausalLM(cfg).to(dtype)
+    if moe:
+        model.set_experts_implementation(impl)
+    return model, cfg
+
+
+def flops_per_token(model, cfg, seq):
+    active = 0
+    seen = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.dim() < 2:
+                continue  # norms, biases: no matmul FLOPs worth counting
+            full = f"{mod_name}.{p_name}"
+            if full.endswith("embed_tokens.weight") and not cfg.tie_word_embeddings:
+                continue  # lookup, no matmul (the untied lm_head is its own parameter)
+            if p.dim() == 3:  # routed experts
+                active += p.numel() * cfg.num_experts_per_tok / cfg.num_experts
+            else:
+                active += p.numel()
+    attn_width = cfg.num_attention_heads * cfg.head_dim
+    return 6 * active + 6 * cfg.num_hidden_layers * seq * attn_width, active
+
+
+def run(name, moe, impl, args, results):
+    from upcycled_moe.modeling_upcycled_moe import load_balancing_loss
+
+    dtype = torch.bfloat16
+    batch = args.batch or MODELS[name]["batch"]
+    seq = args.seq
+    torch.cuda.empty_cache()
+    model, cfg = build(name, moe, impl, dtype, args.attn, args.experts, args.top_k)
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt, active = flops_per_token(model, cfg, seq)
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+
+    def loss_fn():
+        if args.fused_ce:
+            out = model.model(input_ids=ids, output_router_logits=moe)
+            h = out.last_hidden_state[:, :-1].reshape(-1, cfg.hidden_size)
+            labels = ids[:, 1:].reshape(-1)
+            loss = ChunkedLinearCrossEntropy.apply(h, model.lm_head.weight, labels, args.ce_chunk)
+            if moe:
+                loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(out.router_logits, cfg, None)
+            return loss
+        return model(input_ids=ids, labels=ids).loss
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t_compile = time.perf_counter()
+    try:
+        for _ in range(args.warmup):
+            loss = step()
+        torch.cuda.synchronize()
+        t_compile = time.perf_counter() - t_compile
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        # forward+backward alone (no optimizer), to show the optimizer's share
+        fb = []
+        for _ in range(max(3, args.steps // 2)):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss_fn().backward()
+            b.record()
+            torch.cuda.synchronize()
+            fb.append(a.elapsed_time(b))
+            opt.zero_grad(set_to_none=True)
+    except torch.OutOfMemoryError as err:
+        print(f"{name} {'moe' if moe else 'dense'} {impl}: OOM ({str(err)[:120]})", flush=True)
+        results.append({"model": name, "moe": moe, "impl": impl, "error": "OOM", "batch": batch})
+        del model, opt
+        torch.cuda.empty_cache()
+        return
+    times.sort()
+    fb.sort()
+    ms = times[len(times) // 2]
+    fb_ms = fb[len(fb) // 2]
+    tokens = batch * seq
+    tps = tokens / (ms / 1e3)
+    mfu = tps * fpt / PEAK_FLOPS
+    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "batch": batch, "seq": seq,
+           "params": n_params, "active_matmul_params": active, "flops_per_token": fpt, "step_ms": ms,
+           "fwd_bwd_ms": fb_ms, "tokens_per_s": tps, "mfu": mfu, "loss": loss.item(),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": t_compile}
+    results.append(row)
+    print(f"{name:8s} {'MoE ' + impl if moe else 'dense':22s} batch {batch:3d}  step {ms:8.1f} ms  "
+          f"(fwd+bwd {fb_ms:7.1f})  {tps / 1e3:7.1f}k tok/s  MFU {100 * mfu:5.1f}%  params {n_params / 1e9:.2f}B "
+          f"active {active / 1e9:.3f}B  peak {row['peak_mem_gib']:.1f} GiB  loss {row['loss']:.3f}  "
+          f"warmup {t_compile:.0f}s", flush=True)
+    del model, opt
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,1b")
+    ap.add_argument("--moe-impls", default="upcycled_fused")
+    ap.add_argument("--no-dense", action="store_true")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0, help="0: per-model default (smollm2 16, 1b 8)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-fused-ce", dest="fused_ce", action="store_false")
+    ap.add_argument("--ce-chunk", type=int, default=8192)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("train_step.py needs a CUDA GPU (nothing measured).")
+        return 2
+    import transformers
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "not installed"
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "triton": tv, "compile": args.compile, "fused_ce": args.fused_ce, "attn": args.attn,
+           "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(env), flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for name in args.models.split(","):
+        variants = ([] if args.no_dense else [(False, "dense")]) + [(True, i) for i in args.moe_impls.split(",") if i]
+        for moe, impl in variants:
+            try:
+                run(name, moe, impl, args, results)
+            except Exception as err:  # noqa: BLE001 - record and go on with the other variants
+                print(f"{name} {impl}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+                results.append({"model": name, "moe": moe, "impl": impl, "error": type(err).__name__,
+                                "batch": args.batch or MODELS[name]["batch"]})
+                torch.cuda.empty_cache()
+    print()
+    print("| model | variant | batch x seq | params | step ms | fwd+bwd ms | tokens/s | MFU (active) | step vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} | - | {r['error']} |"
+                  " - | - | - | - |")
+            continue
+        dense = next((d for d in results if d["model"] == r["model"] and not d["moe"] and "error" not in d), None)
+        ratio = f"{r['step_ms'] / dense['step_ms']:.2f}x" if dense else "-"
+        print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} x {r['seq']} | "
+              f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
+              f"{100 * r['mfu']:.1f}% | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Fused experts path for UpcycledMoe (an experts implementation for transformers' `@use_experts_implementation`).
+
+Shipped as Hugging Face remote code next to the weights: this file imports only torch (and triton, optional).
+
+    fused_experts_forward(self, hidden_states (T, H), top_k_index (T, k) int64, top_k_weights (T, k)) -> (T, H)
+
+One custom autograd.Function does, for the T*k token-expert slots S:
+
+  forward   sort slots by expert (one stable sort, offsets by searchsorted: no host sync)
+            gather x rows in expert order            x_g  = x[tok]                    (S, H)
+            gate_up = grouped_mm(x_g, W1^T)                                            (S, 2I) or (S, I)
+            h = act(gate) * up   (one fused kernel)                                    (S, I)
+            y = grouped_mm(h, W2^T)                                                    (S, H)
+            out[t] = sum_j w[t, j] * y[pos(t, j)]   (one fused kernel: un-permute + weighting +
+                                                     deterministic fp32 reduction, no atomics)
+  backward  g_g = dout[tok]                                                            (S, H)
+            dh_raw = grouped_mm(g_g, W2)                                               (S, I)
+            one fused kernel: recompute h from gate_up, dw = <dh_raw, h> (routing-weight grad),
+            dh = w * dh_raw, d gate_up = act'(...) * dh, and w*h for the W2 gradient (written in place)
+            dW2 = g_g^T @ (w*h),  dx_g = d gate_up @ W1,  dW1 = d gate_up^T @ x_g  (grouped_mm; x_g re-gathered)
+            dx[t] = sum_j dx_g[pos(t, j)]   (same deterministic un-permute kernel)
+
+Saved for backward: only gate_up (S, 2I) plus int index vectors (h, y, x_g, weighted outputs are not kept).
+
+Slots whose expert index is >= num_experts (sentinels) are skipped (output 0, routing-weight gradient 0).
+Dropped slots that keep a real expert index and weight 0 are computed and contribute 0 (exact autograd semantics).
+
+Backends: Triton kernels on CUDA (when triton imports), the same math in plain torch elsewhere (CPU, no
+triton, unknown activations). GEMMs: torch.nn.functional.grouped_mm / torch._grouped_mm where the dtype,
+device and 16-byte alignment allow it, else a per-expert torch.mm loop (one host sync), so odd shapes never
+crash.
+"""
+
+import torch
+
+try:  # optional: only the CUDA fast path needs it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["fused_experts_forward", "fused_moe", "HAS_TRITON"]
+
+# Tests set this to run the Triton kernels on CPU tensors under TRITON_INTERPRET=1.
+FORCE_TRITON = False
+# Set to False to force the plain-torch elementwise path even on CUDA (debugging / A-B timing).
+USE_TRITON = True
+
+_ACT_CODES = {"silu": 0, "relu2": 1, "relu": 2, "gelu_tanh": 3}
+
+
+def _act_name(experts):
+    """Name of a known activation (for the fused kernels) or None (generic torch path)."""
+    config = getattr(experts, "config", None)
+    name = getattr(config, "hidden_act", None) if config is not None else None
+    if isinstance(name, str):
+        name = name.lower()
+        if name in ("silu", "swish"):
+            return "silu"
+        if name in ("relu2", "relu_squared", "squared_relu"):
+            return "relu2"
+        if name == "relu":
+            return "relu"
+        if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"):
+            return "gelu_tanh"
+    cls = type(getattr(experts, "act_fn", None)).__name__
+    return {
+        "SiLUActivation": "silu",
+        "SiLU": "silu",
+        "ReLUSquaredActivation": "relu2",
+        "ReLU": "relu",
+        "GELUTanh": "gelu_tanh",
+        "NewGELUActivation": "gelu_tanh",
+        "PytorchGELUTanh": "gelu_tanh",
+    }.get(cls)
+
+
+def _torch_act(name):
+    if name == "silu":
+        return torch.nn.functional.silu
+    if name == "relu2":
+        return lambda x: torch.relu(x).square()
+    if name == "relu":
+        return torch.relu
+    if name == "gelu_tanh":
+        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    raise ValueError(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _act_apply(x, ACT: tl.constexpr):
+        if ACT == 0:  # silu
+            return x * tl.sigmoid(x)
+        elif ACT == 1:  # relu2
+            r = tl.maximum(x, 0.0)
+            return r * r
+        elif ACT == 2:  # relu
+            return tl.maximum(x, 0.0)
+        else:  # gelu tanh approximation, tanh(z) = 2 sigmoid(2z) - 1
+            z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            return x * tl.sigmoid(2.0 * z)
+
+    @triton.jit
+    def _act_grad(x, ACT: tl.constexpr):
+        if ACT == 0:
+            s = tl.sigmoid(x)
+            return s * (1.0 + x * (1.0 - s))
+        elif ACT == 1:
+            return 2.0 * tl.maximum(x, 0.0)
+        elif ACT == 2:
+            return tl.where(x > 0.0, 1.0, 0.0)
+        else:
+            z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            s = tl.sigmoid(2.0 * z)  # 0.5 * (1 + tanh z)
+            dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+            return s + x * 2.0 * s * (1.0 - s) * dz
+
+    @triton.jit
+    def _act_fwd_kernel(
+        GU, OUT, OFFS, n_inter, stride_gu, stride_out,
+        E_LAST: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        n_valid = tl.load(OFFS + E_LAST).to(tl.int64)
+        mask = (cols < n_inter) & ((tl.zeros((BLOCK,), dtype=tl.int64) + row) < n_valid)
+        if GATED:
+            g = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(GU + row * stride_gu + n_inter + cols, mask=mask, other=0.0).to(tl.float32)
+            h = _act_apply(g, ACT) * u
+        else:
+            u = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+            h = _act_apply(u, ACT)
+        tl.store(OUT + row * stride_out + cols, h.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _act_bwd_kernel(
+        GU, DH, WS, DGU, DW, PERM, OFFS, n_inter, stride_gu, stride_dh, stride_dgu,
+        E_LAST: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr, N_BLOCKS: tl.constexpr,
+    ):
+        """Per sorted row: recompute h, dw = <dh_raw, h>, d gate_up = act' * (w * dh_raw); DH <- w * h in place."""
+        row = tl.program_id(0).to(tl.int64)
+        n_valid = tl.load(OFFS + E_LAST).to(tl.int64)
+        valid = (tl.zeros((BLOCK,), dtype=tl.int64) + row) < n_valid
+        w = tl.load(WS + row).to(tl.float32)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for b in range(N_BLOCKS):
+            cols = b * BLOCK + tl.arange(0, BLOCK)
+            m = (cols < n_inter) & valid
+            d = tl.load(DH + row * stride_dh + cols, mask=m, other=0.0).to(tl.float32)
+            if GATED:
+                g = tl.load(GU + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+                u = tl.load(GU + row * stride_gu + n_inter + cols, mask=m, other=0.0).to(tl.float32)
+                a = _act_apply(g, ACT)
+                h = a * u
+                dh = d * w
+                dg = dh * u * _act_grad(g, ACT)
+                du = dh * a
+                tl.store(DGU + row * stride_dgu + cols, dg.to(DGU.dtype.element_ty), mask=m)
+                tl.store(DGU + row * stride_dgu + n_inter + cols, du.to(DGU.dtype.element_ty), mask=m)
+            else:
+                u = tl.load(GU + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+                h = _act_apply(u, ACT)
+                du = d * w * _act_grad(u, ACT)
+                tl.store(DGU + row * stride_dgu + cols, du.to(DGU.dtype.element_ty), mask=m)
+            acc += d * h
+            tl.store(DH + row * stride_dh + cols, (h * w).to(DH.dtype.element_ty), mask=m)
+        slot = tl.load(PERM + row)  # dw goes straight to the (token, k) slot order
+        tl.store(DW + slot, tl.where(row < n_valid, tl.sum(acc, axis=0), 0.0))
+
+    @triton.jit
+    def _unpermute_kernel(
+        Y, POS, W, OFFS, OUT, n_cols, stride_y, stride_out,
+        K: tl.constexpr, E_LAST: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """out[t, :] = sum_j w[t, j] * y[pos[t, j], :], fp32 accumulation, fixed order (deterministic)."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < n_cols
+        n_valid = tl.load(OFFS + E_LAST).to(tl.int64)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            p = tl.load(POS + t * K + j).to(tl.int64)
+            ok = (tl.zeros((BLOCK,), dtype=tl.int64) + p) < n_valid
+            row = tl.load(Y + p * stride_y + cols, mask=cmask & ok, other=0.0).to(tl.float32)
+            if HAS_W:
+                wj = tl.load(W + t * K + j).to(tl.float32)
+                acc += row * wj
+            else:
+                acc += row
+        tl.store(OUT + t * stride_out + cols, acc.to(OUT.dtype.element_ty), mask=cmask)
+
+
+def _use_triton(t, act):
+    return HAS_TRITON and USE_TRITON and act is not None and (t.is_cuda or FORCE_TRITON)
+
+
+def _pow2_block(n, cap):
+    b = 16
+    while b < n and b < cap:
+        b *= 2
+    return b
+
+
+# --------------------------------------------------------------------------------------------------------------
+# elementwise steps: Triton or plain torch (same math)
+# --------------------------------------------------------------------------------------------------------------
+def _act_forward(gu, offs, n_inter, gated, act, act_fn, triton_ok):
+    S = gu.shape[0]
+    if triton_ok:
+        out = torch.empty(S, n_inter, device=gu.device, dtype=gu.dtype)
+        if S:
+            block = _pow2_block(n_inter, 1024)
+            grid = (S, triton.cdiv(n_inter, block))
+            _act_fwd_kernel[grid](
+                gu, out, offs, n_inter, gu.stride(0), out.stride(0),
+                E_LAST=offs.numel() - 1, ACT=_ACT_CODES[act], GATED=gated, BLOCK=block, num_warps=4,
+            )
+        return out
+    fn = _torch_act(act) if act is not None else act_fn
+    if gated:
+        g, u = gu[:, :n_inter], gu[:, n_inter:]
+        return (fn(g.float()) * u.float()).to(gu.dtype)
+    return fn(gu.float()).to(gu.dtype)
+
+
+def _act_backward(gu, dh_raw, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok):
+    """Returns (d gate_up, w*h, dw fp32 in slot order: dw[perm[s]] = <dh_raw[s], h[s]>).
+
+    On the Triton path d gate_up is written over gu and w*h over dh_raw (each element is read before the same
+    program overwrites it), so backward allocates no new (S, 2I) buffer."""
+    S = gu.shape[0]
+    if triton_ok:
+        dgu = gu
+        dw = torch.empty(S, device=gu.device, dtype=torch.float32)
+        if S:
+            block = _pow2_block(n_inter, 1024)
+            _act_bwd_kernel[(S,)](
+                gu, dh_raw, w_sorted, dgu, dw, perm, offs, n_inter, gu.stride(0), dh_raw.stride(0), dgu.stride(0),
+                E_LAST=offs.numel() - 1, ACT=_ACT_CODES[act], GATED=gated, BLOCK=block,
+                N_BLOCKS=triton.cdiv(n_inter, block), num_warps=8 if block >= 1024 else 4,
+            )
+        return dgu, dh_raw, dw
+    fn = _torch_act(act) if act is not None else act_fn
+    valid = (torch.arange(S, device=gu.device) < offs[-1]).unsqueeze(-1)
+    w = w_sorted.float().unsqueeze(-1)
+    d = torch.where(valid, dh_raw.float(), 0.0)
+    with torch.enable_grad():
+        x = torch.where(valid, gu.float(), 0.0).detach().requires_grad_(True)
+        if gated:
+            h = fn(x[:, :n_inter]) * x[:, n_inter:]
+        else:
+            h = fn(x)
+        (dx,) = torch.autograd.grad(h, x, d * w)
+    h = h.detach()
+    dw = torch.empty(S, device=gu.device, dtype=torch.float32).scatter_(0, perm, (d * h).sum(-1))
+    return dx.to(gu.dtype), (h * w).to(dh_raw.dtype), dw
+
+
+def _unpermute(y, pos, w, offs, num_tokens, k, out_dtype, triton_ok):
+    """out[t] = sum_j w[t, j] * y[pos[t * k + j]] (w None: plain sum); slots at pos >= offs[-1] skipped."""
+    H = y.shape[1]
+    if triton_ok:
+        out = torch.empty(num_tokens, H, device=y.device, dtype=out_dtype)
+        if num_tokens:
+            block = _pow2_block(H, 1024)
+            grid = (num_tokens, triton.cdiv(H, block))
+            _unpermute_kernel[grid](
+                y, pos, w if w is not None else pos, offs, out, H, y.stride(0), out.stride(0),
+                K=k, E_LAST=offs.numel() - 1, HAS_W=w is not None, BLOCK=block, num_warps=4,
+            )
+        return out
+    valid = (pos < offs[-1]).unsqueeze(-1)
+    rows = y.index_select(0, pos.clamp(max=max(y.shape[0] - 1, 0))) if y.shape[0] else y.new_zeros(pos.numel(), H)
+    rows = torch.where(valid, rows.float(), 0.0)
+    if w is not None:
+        rows = rows * w.float().unsqueeze(-1)
+    return rows.view(num_tokens, k, H).sum(1).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# grouped GEMMs with a safe fallback
+# --------------------------------------------------------------------------------------------------------------
+_GMM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GMM_DTYPE_OK = {}
+
+
+def _aligned(t):
+    if t.data_ptr() % 16:
+        return False
+    align = 16 // t.element_size()
+    # last two dims: one must be unit stride, the other a multiple of 16 bytes
+    s0, s1 = t.stride(-2), t.stride(-1)
+    if s1 == 1:
+        return s0 % align == 0
+    if s0 == 1:
+        return s1 % align == 0
+    return False
+
+
+def _gmm_dtype_ok(device, dtype):
+    key = (device.type, getattr(device, "index", None), dtype)
+    if key not in _GMM_DTYPE_OK:
+        ok = _GMM is not None
+        if ok and device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 0):
+                ok = False
+            elif dtype != torch.bfloat16:
+                ok = False  # grouped_mm's fast CUDA kernels are bf16; fp16/fp32 go through the mm loop
+        if ok and device.type not in ("cuda", "cpu"):
+            ok = False
+        if ok:
+            try:  # probe once: some builds lack a kernel for this dtype/device
+                a = torch.zeros(16, 16, device=device, dtype=dtype)
+                b = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+                offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+                _GMM(a, b, offs=offs)
+                _GMM(a.t(), a, offs=offs)
+            except Exception:  # noqa: BLE001 - any failure means "use the loop"
+                ok = False
+        _GMM_DTYPE_OK[key] = ok
+    return _GMM_DTYPE_OK[key]
+
+
+def _gmm(a, b, offs):
+    """a (S, K) rows sorted by group, b (E, K, N) -> (S, N); rows past offs[-1] are unspecified."""
+    if _GMM is not None and _gmm_dtype_ok(a.device, a.dtype) and _aligned(a) and _aligned(b):
+        return _GMM(a, b, offs=offs)
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+        start = end
+    return out
+
+
+def _gmm_wgrad(a_t, b, offs):
+    """a_t (M, S) (a transposed view), b (S, N), groups along S -> (E, M, N); empty groups give zeros."""
+    if _GMM is not None and _gmm_dtype_ok(b.device, b.dtype) and _aligned(a_t) and _aligned(b):
+        return _GMM(a_t, b, offs=offs)
+    out = b.new_zeros(offs.numel(), a_t.shape[0], b.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a_t[:, start:end], b[start:end], out=out[e])
+        start = end
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routing metadata
+# --------------------------------------------------------------------------------------------------------------
+def _route(top_k_index, num_experts):
+    """Stable sort of the T*k slots by expert. Returns (perm, tok, pos, offs int32 (E,)).
+
+    perm[s]: flat slot at sorted row s; tok[s] = perm[s] // k; pos[slot]: sorted row of a slot;
+    offs[e]: end row of expert e (offs[-1] = number of rows with a real expert; sentinel slots sort last)."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    flat32 = flat.to(torch.int32)
+    sorted_ids, perm = torch.sort(flat32, stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=torch.int32)
+    offs = torch.searchsorted(sorted_ids, bounds, out_int32=True)  # number of slots with id < e + 1
+    tok = torch.div(perm, k, rounding_mode="floor")
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype)
+    return perm, tok, pos, offs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the autograd function
+# --------------------------------------------------------------------------------------------------------------
+class _FusedExpertsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, k):
+        # w1_t: (E, H, N1) view of the first projection, w2_t: (E, I, H) view of the second (the grouped_mm B).
+        w1_t = w1 if transposed else w1.transpose(-2, -1)
+        w2_t = w2 if transposed else w2.transpose(-2, -1)
+        triton_ok = _use_triton(x, act)
+        x_g = x.index_select(0, tok)
+        gu = _gmm(x_g, w1_t, offs)
+        del x_g
+        h = _act_forward(gu, offs, n_inter, gated, act, act_fn, triton_ok)
+        y = _gmm(h, w2_t, offs)
+        del h
+        w_flat = weights.reshape(-1)
+        if not w_flat.is_contiguous():
+            w_flat = w_flat.contiguous()
+        out = _unpermute(y, pos, w_flat, offs, x.shape[0], k, x.dtype, triton_ok)
+        w_sorted = w_flat.index_select(0, perm).float()
+        ctx.save_for_backward(x, weights, w1, w2, perm, tok, pos, offs, w_sorted)
+        ctx.gu = gu  # an intermediate, held only here: backward overwrites it with its gradient (memory)
+        ctx.meta = (gated, n_inter, act, act_fn, k, triton_ok, transposed)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weights, w1, w2, perm, tok, pos, offs, w_sorted = ctx.saved_tensors
+        gu = getattr(ctx, "gu", None)
+        if gu is None:
+            raise RuntimeError(
+                "upcycled_fused experts: backward through the same forward twice (retain_graph=True) is not "
+                "supported (the saved gate/up activations are overwritten by their gradient); use another experts "
+                "implementation for double backward"
+            )
+        del ctx.gu
+        gated, n_inter, act, act_fn, k, triton_ok, transposed = ctx.meta
+        need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        dout = dout.to(x.dtype)
+        if not dout.is_contiguous():
+            dout = dout.contiguous()
+        w1_t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, N1)
+        w2_t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
+
+        g_g = dout.index_select(0, tok)  # (S, H), unscaled
+        dh = _gmm(g_g, w2_t.transpose(-2, -1), offs)  # (S, I)
+        dgu, hw, dw_slots = _act_backward(gu, dh, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok)
+        del dh
+        dw2 = None
+        if need_w2:  # dW2 (E, H, I) = g_g^T @ (w*h)   [(E, I, H) when stored transposed]
+            dw2 = _gmm_wgrad(hw.t(), g_g, offs) if transposed else _gmm_wgrad(g_g.t(), hw, offs)
+        del g_g, hw
+        dx = None
+        if need_x:
+            dx_g = _gmm(dgu, w1_t.transpose(-2, -1), offs)  # (S, H)
+            dx = _unpermute(dx_g, pos, None, offs, x.shape[0], k, x.dtype, triton_ok)
+            del dx_g
+        dw1 = None
+        if need_w1:  # dW1 (E, N1, H) = dgu^T @ x_g
+            x_g = x.index_select(0, tok)
+            dw1 = _gmm_wgrad(x_g.t(), dgu, offs) if transposed else _gmm_wgrad(dgu.t(), x_g, offs)
+        dweights = None
+        if need_w:
+            dweights = dw_slots.view(weights.shape).to(weights.dtype)
+        return dx, dweights, dw1, dw2, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _compiler_disable(fn):
+    compiler = getattr(torch, "compiler", None)
+    return compiler.disable(fn) if compiler is not None and hasattr(compiler, "disable") else fn
+
+
+def fused_moe(hidden_states, top_k_index, top_k_weights, w1, w2, gated=True, act="silu", act_fn=None,
+              transposed=False):
+    """Functional form. w1: (E, 2I, H) gated [gate rows, then up rows] or (E, I, H) plain; w2: (E, H, I).
+
+    transposed=True means w1 (E, H, N1) and w2 (E, I, H). act: "silu" | "relu2" | "relu" | "gelu_tanh" or None
+    with act_fn a callable (generic torch path)."""
+    x = hidden_states
+    if x.dtype != w1.dtype:  # autocast / mixed inputs: compute in the weights' dtype (like transformers)
+        x = x.to(w1.dtype)
+    if x.shape[0] == 0:
+        return hidden_states.new_zeros(hidden_states.shape)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n_out1 = w1.shape[-1] if transposed else w1.shape[-2]
+    n_inter = n_out1 // 2 if gated else n_out1
+    core = _fused_core_opaque if _is_compiling() else _fused_core
+    out = core(x, top_k_index, top_k_weights, w1, w2, bool(transposed), gated, n_inter, act, act_fn)
+    return out.to(hidden_states.dtype)
+
+
+def _is_compiling():
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _fused_core(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn):
+    with torch.no_grad():
+        perm, tok, pos, offs = _route(top_k_index, w1.shape[0])
+    return _FusedExpertsFn.apply(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act,
+                                 act_fn, top_k_index.shape[-1])
+
+
+# opaque to torch.compile (a graph break): the surrounding model still compiles; eager calls skip the wrapper
+_fused_core_opaque = _compiler_disable(_fused_core)
+
+
+def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Experts-interface entry point: register with ALL_EXPERTS_FUNCTIONS.register("upcycled_fused", ...)."""
+    if getattr(self, "has_bias", False) or getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError("upcycled_fused experts: biases / post-expert norms are not supported")
+    if not getattr(self, "is_concatenated", True):
+        raise NotImplementedError("upcycled_fused experts: interleaved gate/up layout is not supported")
+    gated = getattr(self, "has_gate", True)
+    w1 = self.gate_up_proj if gated else self.up_proj
+    act = _act_name(self)
+    act_fn = None if act is not None else self.act_fn
+    return fused_moe(hidden_states, top_k_index, top_k_weights, w1, self.down_proj, gated=gated, act=act,
+                     act_fn=act_fn, transposed=getattr(self, "is_transposed", False))
