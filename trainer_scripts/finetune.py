@@ -1,0 +1,290 @@
+"""Supervised fine-tuning of an UpcycledMoe model with the Hugging Face Trainer: full, or LoRA through PEFT.
+
+    upcycle-moe-finetune --model_name_or_path=runs/cpt --train_file=chat.jsonl --output_dir=runs/sft \\
+        --use_lora=true --num_train_epochs=1 --per_device_train_batch_size=4
+    accelerate launch -m trainer_scripts.finetune --config sft.yaml      # several GPUs: Trainer uses Accelerate
+
+Options: this script's own (``FinetuneArguments`` below) plus every ``transformers.TrainingArguments`` field, from a
+YAML file (``--config``) and ``--key=value`` overrides; unknown keys are rejected before anything is loaded.
+
+Data: JSON lines with a chat column (``messages``: a list of {role, content}; rendered with the tokenizer's chat
+template) or a text column (``text``). The loss covers every token of a sequence (prompt included).
+
+MoE specifics handled here:
+- LoRA: attention via ``target_modules`` (q/k/v/o_proj), routed experts via ``target_parameters``
+  (``mlp.experts.gate_up_proj`` / ``down_proj``, PEFT >= 0.17); the router is frozen by default (``train_router``).
+- The load-balancing and z-loss terms come from the model; under Trainer the model weights them by the
+  micro-batch's share of label tokens (``num_items_in_batch``), so gradient accumulation and the number of ranks do
+  not change their effective weight.
+- Trainer's FLOP count (``total_flos``) counts ACTIVE parameters (top_k / num_experts of the routed experts).
+- Gradient checkpointing: ``gradient_checkpointing=true`` works on transformers 5.17-5.22 and 5.23+ (where the
+  option is called ``activation_checkpointing``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ConfigError, _coerce, _strip_optional, data_builder, expand_data_files, parse_overrides
+
+
+@dataclass
+class FinetuneArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "an UpcycledMoe folder (e.g. a continued-pretraining output)"})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "defaults to the model folder"})
+    train_file: str = field(default=None, metadata={"help": "JSON lines: a chat column (messages) or a text column"})
+    validation_file: str | None = field(default=None, metadata={"help": "held-out JSON lines (same format)"})
+    text_column: str = field(default="text", metadata={"help": "text column (when there is no chat column)"})
+    messages_column: str = field(default="messages", metadata={"help": "chat column: list of {role, content}"})
+    max_seq_length: int = field(default=1024, metadata={"help": "longer examples are truncated"})
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "comma-separated modules (attention)"})
+    lora_target_experts: bool = field(default=True, metadata={"help": "LoRA on the routed experts' 3D parameters (target_parameters)"})
+    train_router: bool = field(default=False, metadata={"help": "train the router (frozen by default, full and LoRA)"})
+    merge_lora: bool = field(default=False, metadata={"help": "also save the merged full model to output_dir/merged"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "None: the model's"})
+    router_z_loss_coef: float | None = field(default=None, metadata={"help": "None: the model's"})
+    experts_implementation: str | None = field(default=None, metadata={"help": "eager, grouped_mm, ... (None: default)"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "allow a non-empty output_dir"})
+
+
+def parse_args(argv: list[str] | None = None):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    config_file, overrides = parse_overrides(argv)
+    values: dict = {}
+    if config_file:
+        import yaml
+
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file} does not exist")
+        values.update(yaml.safe_load(open(config_file, encoding="utf-8")) or {})
+    values.update(overrides)
+    # gradient checkpointing: one spelling for transformers 5.17-5.22 (gradient_*) and 5.23+ (activation_*)
+    ta_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    new_names = "activation_checkpointing" in ta_fields
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        src, dst = (old, new) if new_names else (new, old)
+        if src in values:
+            values[dst] = values.pop(src)
+    ckpt_key = "activation_checkpointing" if new_names else "gradient_checkpointing"
+    if values.get(ckpt_key):
+        values.setdefault(ckpt_key + "_kwargs", {"use_reentrant": False})
+    values.setdefault("report_to", "none")
+    values.setdefault("remove_unused_columns", False)
+    known = {f.name for f in dataclasses.fields(FinetuneArguments)} | ta_fields
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(unknown)}; run with --help for the list")
+    import typing
+
+    for cls in (FinetuneArguments, TrainingArguments):  # "1e-3" from YAML / the command line is a number here
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in values and isinstance(values[f.name], str) and f.name in hints:
+                base, _ = _strip_optional(hints[f.name])
+                if base in (bool, int, float):
+                    values[f.name] = _coerce(f.name, values[f.name], hints[f.name])
+    try:
+        ft, ta = parser.parse_dict(values, allow_extra_keys=False)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    problems = []
+    if not ft.model_name_or_path:
+        problems.append("model_name_or_path is required")
+    if not ft.train_file:
+        problems.append("train_file is required")
+    if "output_dir" not in values:
+        problems.append("output_dir is required")
+    if ft.max_seq_length < 2:
+        problems.append("max_seq_length must be >= 2")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return ft, ta
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def load_examples(ft: FinetuneArguments):
+    import datasets
+
+    out = {}
+    for split, path in (("train", ft.train_file), ("validation", ft.validation_file)):
+        if path is None:
+            continue
+        files = expand_data_files([path], f"{split}_file")
+        builder = data_builder(files, f"{split}_file")
+        if builder != "json":
+            raise ConfigError(f"{split}_file: {path} must be JSON lines (.jsonl / .json)")
+        datasets.disable_progress_bars()
+        try:
+            ds = datasets.load_dataset("json", data_files=files, split="train")
+        except Exception as e:
+            raise ConfigError(f"{split}_file: could not read {path}: {str(e).splitlines()[0]}") from None
+        finally:
+            datasets.enable_progress_bars()
+        if len(ds) == 0:
+            raise ConfigError(f"{split}_file: {path} holds no examples")
+        if ft.messages_column not in ds.column_names and ft.text_column not in ds.column_names:
+            raise ConfigError(
+                f"{split}_file: {path} has neither a {ft.messages_column!r} (chat) nor a {ft.text_column!r} (text) "
+                f"column (columns: {', '.join(ds.column_names)})"
+            )
+        out[split] = ds
+    return out
+
+
+def tokenize_examples(ds, tokenizer, ft: FinetuneArguments, num_proc=None):
+    chat = ft.messages_column in ds.column_names
+    if chat and not tokenizer.chat_template:
+        raise ConfigError("the data is chat (messages) but the tokenizer has no chat template")
+
+    def fn(batch):
+        if chat:
+            texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in batch[ft.messages_column]]
+        else:
+            texts = [t + (tokenizer.eos_token or "") for t in batch[ft.text_column]]
+        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=ft.max_seq_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def load_model(ft: FinetuneArguments):
+    from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
+
+    kwargs = {"experts_implementation": ft.experts_implementation} if ft.experts_implementation else {}
+    model = UpcycledMoeForCausalLM.from_pretrained(ft.model_name_or_path, dtype=torch.float32, **kwargs)
+    assert isinstance(model.config, UpcycledMoeConfig)
+    if ft.router_aux_loss_coef is not None:
+        model.config.router_aux_loss_coef = ft.router_aux_loss_coef
+    if ft.router_z_loss_coef is not None:
+        model.config.router_z_loss_coef = ft.router_z_loss_coef
+    model.config.use_cache = False
+    return model
+
+
+def router_parameters(model):
+    return [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+
+
+def apply_lora(model, ft: FinetuneArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = [t.strip() for t in ft.lora_target_modules.split(",") if t.strip()]
+    params = None
+    if ft.lora_target_experts and "sparse" in model.config.mlp_layer_types:
+        first = "gate_up_proj" if model.config.mlp_gated else "up_proj"
+        params = [f"mlp.experts.{first}", "mlp.experts.down_proj"]
+    config = LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                        target_parameters=params, task_type="CAUSAL_LM",
+                        modules_to_save=["gate"] if ft.train_router else None)
+    return get_peft_model(model, config)
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    from .metrics import flops_per_token, parameter_counts
+
+    class MoeTrainer(Trainer):
+        """Trainer whose FLOP count uses ACTIVE parameters (Trainer's own: 6 x tokens x ALL parameters)."""
+
+        _active = None
+
+        def floating_point_ops(self, inputs):
+            ids = inputs.get("input_ids")
+            if ids is None:
+                return 0
+            base = self.accelerator.unwrap_model(self.model)
+            if hasattr(base, "get_base_model"):  # PEFT
+                base = base.get_base_model()
+            if MoeTrainer._active is None:
+                MoeTrainer._active = parameter_counts(base)["active"]
+            return int(flops_per_token(base, ids.shape[-1], MoeTrainer._active) * ids.numel())
+
+    return MoeTrainer
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def run(ft: FinetuneArguments, ta) -> dict:
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorForLanguageModeling
+
+    import upcycled_moe  # noqa: F401  (registers the model family)
+
+    # preflight: model config, data, tokenizer, output folder -- before the weights
+    if not os.path.isdir(ft.model_name_or_path):
+        raise ConfigError(f"model_name_or_path: {ft.model_name_or_path} does not exist (an UpcycledMoe folder)")
+    mc = AutoConfig.from_pretrained(ft.model_name_or_path)
+    if mc.model_type != "upcycled_moe":
+        raise ConfigError(f"{ft.model_name_or_path} is a {mc.model_type} model; convert it first (upcycle-moe convert)")
+    if ft.max_seq_length > mc.max_position_embeddings:
+        raise ConfigError(f"max_seq_length={ft.max_seq_length} is beyond the model's max_position_embeddings={mc.max_position_embeddings}")
+    if os.path.isdir(ta.output_dir) and os.listdir(ta.output_dir) and not ft.overwrite_output_dir \
+            and not ta.resume_from_checkpoint:
+        raise ConfigError(f"output_dir {ta.output_dir} is not empty: use another folder, resume_from_checkpoint, "
+                          "or overwrite_output_dir=true")
+    splits = load_examples(ft)
+    tokenizer = AutoTokenizer.from_pretrained(ft.tokenizer_name_or_path or ft.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    with ta.main_process_first(desc="tokenising"):
+        tokenized = {k: tokenize_examples(v, tokenizer, ft, ta.dataloader_num_workers or None) for k, v in splits.items()}
+
+    model = load_model(ft)
+    if not ft.train_router:
+        for p in router_parameters(model):
+            p.requires_grad_(False)
+    if ft.use_lora:
+        model = apply_lora(model, ft)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if ta.process_index == 0:
+        print(f"[upcycle-moe-finetune] {'LoRA' if ft.use_lora else 'full'} fine-tuning: {trainable / 1e6:.2f}M of "
+              f"{total / 1e6:.1f}M parameters trainable; router {'trained' if ft.train_router else 'frozen'}", flush=True)
+
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    trainer = make_trainer_class()(model=model, args=ta, train_dataset=tokenized["train"],
+                                   eval_dataset=tokenized.get("validation"), data_collator=collator,
+                                   processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=ta.resume_from_checkpoint)
+    trainer.save_model(ta.output_dir)
+    metrics = dict(result.metrics)
+    if "validation" in tokenized:
+        metrics.update(trainer.evaluate())
+    trainer.save_state()
+    if ft.use_lora and ft.merge_lora and trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(os.path.join(ta.output_dir, "merged"))
+        tokenizer.save_pretrained(os.path.join(ta.output_dir, "merged"))
+    metrics["total_flos"] = trainer.state.total_flos
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        ft, ta = parse_args(argv)
+        metrics = run(ft, ta)
+        print(f"[upcycle-moe-finetune] done: {metrics}", flush=True)
+    except ConfigError as e:
+        print(f"upcycle-moe-finetune: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
