@@ -406,3 +406,33 @@ def test_sharded_configs_on_gpu(tmp_path, tiny_dir, corpus, launcher):
     model = UpcycledMoeForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def launch_two(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO_ROOT / "trainer_scripts" / "accelerate_configs" / "ddp.yaml"), "--num_processes", "2",
+           "-m", "trainer_scripts.continued_pretraining", *args]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_dir, corpus):
+    """2 processes with the DGS hook: compression is logged, and a run resumed from a checkpoint (hook momentum
+    restored) reproduces the uninterrupted run's losses."""
+    dgs = dict(max_steps=6, save_steps=3, save_total_limit=3, dgs_density=0.05, dgs_start_step=2,
+               learning_rate=0.5, warmup_steps=0)
+    full = tmp_path / "full"
+    launch_two(base_args(tiny_dir, corpus, full, **dgs))
+    resumed = tmp_path / "resumed"
+    launch_two(base_args(tiny_dir, corpus, resumed, resume=full / "checkpoint-3", **dgs))
+    a, b = train_records(full), train_records(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
+    assert a[6]["dgs/compression_ratio"] > 5.0, a[6]
+    assert a[1]["loss"] - a[6]["loss"] > 0.1  # it trains
+
+
+def test_dgs_needs_multi_process_ddp(tmp_path, capsys, tiny_dir, corpus):
+    _fails(capsys, base_args(tiny_dir, corpus, tmp_path / "o", dgs_density=0.01), "dgs_density needs multi-process DDP")

@@ -268,7 +268,9 @@ class PretrainConfig:
     mixed_precision: str = opt("auto", "auto (bf16 where supported on GPU, else no), no, bf16, fp16")
     # --- distributed gradient sparsification (wired by upcycled_moe.dgs; DDP only)
     dgs_density: float | None = opt(None, "DGS: fraction of gradient coordinates sent per step (None = off)")
-    dgs_start_step: int = opt(0, "DGS: plain all-reduce before this step")
+    dgs_start_step: int = opt(10, "DGS: plain all-reduce before this step")
+    dgs_momentum: float = opt(0.9, "DGS: SAMomentum coefficient (kept in the hook; the optimizer becomes plain SGD)")
+    dgs_weight_decay: float = opt(0.0, "DGS: L2 decay added to the gradient inside the hook (all parameters)")
     # --- output, logging, checkpoints
     output_dir: str | None = opt(None, "run folder: checkpoints, logs, plots and the final model")
     overwrite_output_dir: bool = opt(False, "delete what output_dir holds and start a new run there")
@@ -330,6 +332,8 @@ class PretrainConfig:
                 problems.append(f"{name} must be >= 0")
         if self.dgs_density is not None and not 0 < self.dgs_density <= 1:
             problems.append(f"dgs_density must be in (0, 1], got {self.dgs_density}")
+        if not 0 <= self.dgs_momentum < 1 or self.dgs_weight_decay < 0:
+            problems.append("dgs_momentum must be in [0, 1) and dgs_weight_decay >= 0")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append("peak_tflops must be > 0")
         if self.upcycling is not None and not isinstance(self.upcycling, dict):

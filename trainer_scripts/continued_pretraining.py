@@ -94,24 +94,27 @@ def read_model_config(cfg: PretrainConfig):
     return mc, is_moe
 
 
-def check_dgs(cfg: PretrainConfig) -> None:
-    """Distributed gradient sparsification (upcycled_moe.dgs): options checked here, before heavy work; the hook is
-    registered in ``register_dgs``. Until the lead wires it, setting dgs_density is refused up front."""
+def check_dgs(cfg: PretrainConfig, accelerator) -> None:
+    """Distributed gradient sparsification (upcycled_moe.dgs) needs plain multi-process DDP."""
     if cfg.dgs_density is None:
         return
-    # ---- DGS OPTIONS (to be wired by the lead): check that upcycled_moe.dgs imports and that the launch is DDP
-    # (MULTI_GPU / MULTI_CPU; not FSDP / DeepSpeed), then drop this refusal.
-    raise ConfigError("dgs_density: the DGS communication hook is not wired into continued_pretraining yet")
+    kind = accelerator.distributed_type.value
+    if accelerator.num_processes == 1 or kind not in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"):
+        raise ConfigError(f"dgs_density needs multi-process DDP (accelerate launch with the ddp config), got {kind} "
+                          f"with {accelerator.num_processes} process(es)")
 
 
-def register_dgs(accelerator, model, cfg: PretrainConfig) -> None:
-    """Called right after ``accelerator.prepare``: ``model`` is the DDP-wrapped module."""
+def register_dgs(accelerator, model, cfg: PretrainConfig):
+    """Called right after ``accelerator.prepare`` (``model`` is the DDP module) and before any ``load_state``:
+    the hook state is checkpointed with the run, so a resume continues the same momentum exactly."""
     if cfg.dgs_density is None:
-        return
-    # ---- DGS HOOK (to be wired by the lead): model.register_comm_hook(state, hook) from upcycled_moe.dgs with
-    # cfg.dgs_density and cfg.dgs_start_step, and accelerator.register_for_checkpointing(state) so that save_state /
-    # resume keep its momentum (the checkpoint test then covers it).
-    raise NotImplementedError("DGS hook registration")
+        return None
+    from upcycled_moe.dgs import register_dgs as register_dgs_hook
+
+    state = register_dgs_hook(model, density=cfg.dgs_density, start_step=cfg.dgs_start_step,
+                              momentum=cfg.dgs_momentum, weight_decay=cfg.dgs_weight_decay)
+    accelerator.register_for_checkpointing(state)
+    return state
 
 
 def load_tokenizer(cfg: PretrainConfig):
@@ -174,6 +177,10 @@ def build_optimizer(model, cfg: PretrainConfig, device: torch.device):
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     if router:
         groups.append({"params": router, "weight_decay": 0.0, "lr_scale": cfg.router_lr_scale})
+    if cfg.dgs_density is not None:  # momentum and weight decay live in the DGS hook: a plain SGD step
+        for group in groups:
+            group["weight_decay"] = 0.0
+        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=0.0), False
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     fused = cfg.fused_adamw
     if fused is None:
@@ -288,7 +295,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     # --- preflight: everything that can be wrong with the inputs, before any weights are loaded
     model_config, is_moe = read_model_config(cfg)
-    check_dgs(cfg)
+    check_dgs(cfg, accelerator)
     fingerprint = {k: v for k, v in to_dict(cfg).items() if k in FINGERPRINT_KEYS}
     fingerprint["micro_batch_size_x_accumulation_x_processes"] = layout.global_batch
     resume_state = prepare_output_dir(cfg, fingerprint)
@@ -337,7 +344,7 @@ def run(cfg: PretrainConfig) -> dict:
     if ds_plugin is not None:  # no prepared DataLoader to infer it from
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
-    register_dgs(accelerator, model, cfg)
+    dgs_state = register_dgs(accelerator, model, cfg)
     unwrapped = accelerator.unwrap_model(model)
     mcfg = unwrapped.config
     peak = cfg.peak_tflops or detect_peak_tflops(accelerator.device)
@@ -395,7 +402,8 @@ def run(cfg: PretrainConfig) -> dict:
             with accelerator.accumulate(model):
                 out = model(input_ids=x, labels=x, output_router_logits=True)
                 accelerator.backward(out.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                # with DGS the gradient is the hook's sparse momentum update: clipping it would change the algorithm
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0 and dgs_state is None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -425,6 +433,8 @@ def run(cfg: PretrainConfig) -> dict:
                       "epoch": done / order.steps_per_epoch if isinstance(order, BlockOrder) else order.epoch}
             if peak:
                 record["mfu"] = tps * fpt / (peak * 1e12 * world)
+            if dgs_state is not None:
+                record.update({f"dgs/{k}": v for k, v in dgs_state.compression_stats().items()})
             stats = meter.reduce(accelerator)
             lists = {}
             if stats is not None:
