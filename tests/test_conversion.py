@@ -1,0 +1,297 @@
+"""Conversion tool (issue 3): an upcycled model provably starts where the dense model was.
+
+Real components only: transformers' own dense classes saved with save_pretrained (tiny random models of every
+family, from conftest's `tiny_dense_dirs`), the real conversion path on the saved folders, our model class loading
+the result. SmolLM2-135M tests live in test_conversion_smollm2.py.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES
+from upcycled_moe import UpcycledMoeForCausalLM
+from upcycled_moe.conversion import UpcycleError, UpcycleOptions, upcycle, upcycle_in_memory
+from upcycled_moe.conversion.methods import drop_upcycle, generator_for, place_scale, routing_weights
+from upcycled_moe.conversion.verify import greedy as verify_greedy
+
+
+def load_dense(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def load_moe(folder):
+    return UpcycledMoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def tensors(folder) -> dict:
+    out = {}
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):
+        with safe_open(Path(folder) / shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@torch.no_grad()
+def max_logit_diff(dense, moe, ids):
+    return (dense(ids).logits - moe(ids).logits).abs().max().item()
+
+
+def greedy(model, ids, n=30):
+    return verify_greedy(model, ids, n)  # exactly n tokens, KV cache, EOS ignored
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("granularity,num_experts,top_k", [(1, 8, 2), (4, 16, 4)])
+def test_topk_softmax_is_function_preserving(tmp_path, tiny_dense_dirs, family, granularity, num_experts, top_k):
+    """topk_softmax with exact scaling: max |Δlogit| <= 1e-3 in fp32 and identical 30-token greedy generations."""
+    out = upcycle(tiny_dense_dirs[family], tmp_path / "moe", num_experts=num_experts, top_k=top_k,
+                  granularity=granularity, router="topk_softmax", dtype="float32", router_init_std=0.02)
+    dense, moe = load_dense(tiny_dense_dirs[family]), load_moe(out)
+    assert moe.config.num_experts == num_experts and moe.config.moe_intermediate_size == 96 // granularity
+    assert max_logit_diff(dense, moe, IDS) <= 1e-3
+    assert greedy(dense, IDS[:1]) == greedy(moe, IDS[:1])
+
+
+def test_family_config_mapping(tmp_path, tiny_dense_dirs):
+    """Each family's particulars land in the MoE config (they are what makes the logits equal above)."""
+    cfg = {f: upcycle_in_memory(tiny_dense_dirs[f], num_experts=2, top_k=1).config for f in FAMILIES}
+    assert cfg["llama"].attention_bias and cfg["llama"].attention_out_bias
+    assert cfg["llama"].rope_parameters["rope_type"] == "llama3"
+    assert cfg["mistral"].layer_types == ["sliding_attention"] * 2 and cfg["mistral"].sliding_window == 8
+    assert cfg["qwen2"].attention_bias and not cfg["qwen2"].attention_out_bias
+    assert cfg["qwen2"].layer_types == ["full_attention", "sliding_attention"] and cfg["qwen2"].tie_word_embeddings
+    assert cfg["qwen3"].qk_norm and cfg["qwen3"].head_dim == 32
+    n = cfg["nemotron"]
+    assert (n.norm_type, n.mlp_gated, n.hidden_act) == ("layernorm1p", False, "relu2")
+    assert n.rope_parameters["partial_rotary_factor"] == 0.5
+
+
+def test_shared_expert_keeps_the_dense_function(tmp_path, tiny_dense_dirs):
+    """Shared expert = dense FFN at half output, routed experts at the other half: still exact."""
+    folder = tiny_dense_dirs["llama"]
+    moe = upcycle_in_memory(folder, num_experts=4, top_k=2, router="topk_softmax", shared_expert=True,
+                            dtype="float32")
+    assert moe.config.num_shared_experts == 1
+    assert max_logit_diff(load_dense(folder), moe, IDS) <= 1e-4
+
+
+def test_paper_scaling_is_exact_for_relu2_but_not_for_swiglu(tiny_dense_dirs):
+    """s^(1/3) on every matrix: exact for Nemotron's relu2, off for SwiGLU (method.md); 'exact' is exact for both.
+
+    Measured on one layer with inputs of realistic scale (tiny random weights keep SiLU in its linear range
+    otherwise, which would hide the error)."""
+    kw = dict(num_experts=16, top_k=4, granularity=4, router="topk_softmax", dtype="float32")
+    x = torch.randn(1, 256, 64, generator=torch.Generator().manual_seed(0)) * 8
+    rel = {}
+    for family in ("llama", "nemotron"):
+        dense_mlp = load_dense(tiny_dense_dirs[family]).model.layers[0].mlp
+        with torch.no_grad():
+            ref = dense_mlp(x)
+            for scaling in ("exact", "paper"):
+                moe = upcycle_in_memory(tiny_dense_dirs[family], scaling=scaling, **kw)
+                rel[family, scaling] = ((moe.model.layers[0].mlp(x) - ref).norm() / ref.norm()).item()
+    assert rel["llama", "exact"] < 1e-5 and rel["nemotron", "exact"] < 1e-5
+    assert rel["nemotron", "paper"] < 1e-5
+    assert rel["llama", "paper"] > 0.02  # 1000x the exact placement's error
+
+
+def test_scale_placement_formulas():
+    assert place_scale(4.0, "exact", True, "silu").__dict__ == {"gate": 1.0, "up": 2.0, "down": 2.0}
+    relu2 = place_scale(8.0, "exact", False, "relu2")
+    assert relu2.up == pytest.approx(2.0) and relu2.down == pytest.approx(2.0)
+    paper = place_scale(8.0, "paper", True, "silu")
+    assert (paper.gate, paper.up, paper.down) == pytest.approx((2.0, 2.0, 2.0))
+    assert place_scale(8.0, "none", True, "silu").__dict__ == {"gate": 1.0, "up": 1.0, "down": 1.0}
+    assert place_scale(3.0, "exact", False, "gelu").__dict__ == {"gate": 1.0, "up": 1.0, "down": 3.0}
+
+
+def test_softmax_topk_default_scale_and_small_gain(tiny_dense_dirs):
+    """Default softmax_topk: s = E·G²/T recorded per layer, and the step-0 function stays close to the dense one."""
+    folder = tiny_dense_dirs["qwen3"]
+    moe = upcycle_in_memory(folder, num_experts=16, top_k=4, granularity=4, dtype="float32")
+    assert set(moe.config.upcycling["activation_scale"].values()) == {4 * 16 / 4}
+    dense = load_dense(folder)
+    with torch.no_grad():
+        pd = torch.log_softmax(dense(IDS).logits, -1)
+        pm = torch.log_softmax(moe(IDS).logits, -1)
+    kl = (pd.exp() * (pd - pm)).sum(-1).mean().item()
+    assert kl < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- virtual groups
+
+
+def shard_counts(top_k_index, granularity):
+    shards = top_k_index % granularity
+    return torch.stack([(shards == j).sum(-1) for j in range(granularity)], -1)
+
+
+@pytest.mark.parametrize("granularity,num_experts,top_k", [(2, 8, 4), (4, 16, 4), (4, 16, 8), (8, 64, 8)])
+def test_virtual_groups_give_every_shard_top_k_over_g_times(tiny_dense_dirs, granularity, num_experts, top_k):
+    """Through the model's own router on real activations and on exact ties (zero input: every logit equal)."""
+    model = upcycle_in_memory(tiny_dense_dirs["llama"], num_experts=num_experts, top_k=top_k,
+                              granularity=granularity, router_init_std=0.02, dtype="float32")
+    captured = []
+    layer = model.model.layers[1].mlp
+    handle = layer.gate.register_forward_hook(lambda m, a, out: captured.append(out[2]))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1)))
+        x = torch.randn(512, 64, generator=torch.Generator().manual_seed(2))
+        x[:16] = 0.0  # all logits tie: the stable top-k must still take whole groups
+        x[16:32] = x[16:32].round()  # coarse inputs: frequent near-ties across groups
+        _, _, index = layer.gate(x)
+    handle.remove()
+    expected = top_k // granularity
+    for idx in (*captured, index):
+        assert (shard_counts(idx, granularity) == expected).all()
+    w = layer.gate.weight
+    groups = w.view(num_experts // granularity, granularity, -1)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups))  # bit-identical rows inside a group
+
+
+# ---------------------------------------------------------------------------------------------------- Drop-Upcycling
+
+
+def match_neurons(expert_up, dense_up):
+    """For each expert neuron, the index of the identical dense neuron, or -1 if it was re-drawn."""
+    eq = (expert_up[:, None, :] == dense_up[None, :, :]).all(-1)
+    return torch.where(eq.any(1), eq.float().argmax(1), torch.full((expert_up.shape[0],), -1))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_drop_upcycling_redraws_exactly_floor_r_width(tmp_path, tiny_dense_dirs, ratio, granularity):
+    folder = tiny_dense_dirs["llama"]
+    out = upcycle(folder, tmp_path / "moe", num_experts=4, top_k=2, granularity=granularity, drop_ratio=ratio,
+                  router="topk_softmax", dtype="float32", scaling="none")
+    moe, dense = tensors(out), load_dense(folder).state_dict()
+    width = 96 // granularity
+    for layer in range(2):
+        gu = moe[f"model.layers.{layer}.mlp.experts.gate_up_proj"]
+        down = moe[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for e in range(4):
+            rows = slice((e % granularity) * width, (e % granularity + 1) * width)
+            d_gate = dense[f"model.layers.{layer}.mlp.gate_proj.weight"][rows]
+            d_up = dense[f"model.layers.{layer}.mlp.up_proj.weight"][rows]
+            d_down = dense[f"model.layers.{layer}.mlp.down_proj.weight"][:, rows]
+            which = match_neurons(gu[e, width:], d_up)
+            assert (which == -1).sum().item() == math.floor(ratio * width)
+            kept = which >= 0
+            assert len(set(which[kept].tolist())) == kept.sum().item()  # a permutation of the kept neurons
+            # gate rows and down columns move with their up row (function-preserving permutation)
+            assert torch.equal(gu[e, :width][kept], d_gate[which[kept]])
+            assert torch.equal(down[e][:, kept], d_down[:, which[kept]])
+            assert not (match_neurons(gu[e, :width][~kept], d_gate) >= 0).any()
+
+
+def test_drop_upcycling_draws_from_the_statistics_of_what_it_replaces():
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(2000, 64, generator=g) * 0.5 + 0.3
+    up = torch.randn(2000, 64, generator=g) * 2.0 - 1.0
+    down = torch.randn(64, 2000, generator=g) * 0.1
+    ng, nu, nd = drop_upcycle(gate, up, down, 0.5, generator_for(0, "drop", 0, 0))
+    for new, old, dim in ((ng, gate, 0), (nu, up, 0), (nd, down, 1)):
+        fresh = new.narrow(dim, 0, 1000)  # redrawn block sits first after the permutation
+        assert fresh.mean().item() == pytest.approx(old.mean().item(), abs=0.02 * old.std().item() + 1e-3)
+        assert fresh.std().item() == pytest.approx(old.std().item(), rel=0.02)
+        kept_new = new.narrow(dim, 1000, 1000)
+        assert not torch.equal(fresh, old.narrow(dim, 0, 1000))
+        assert kept_new.numel() == 64000
+
+
+def test_drop_ratio_zero_is_plain_copying(tmp_path, tiny_dense_dirs):
+    folder = tiny_dense_dirs["qwen2"]
+    kw = dict(num_experts=4, top_k=2, dtype="float32", seed=3)
+    a = tensors(upcycle(folder, tmp_path / "a", drop_ratio=0.0, **kw))
+    b = tensors(upcycle(folder, tmp_path / "b", **kw))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dense = load_dense(folder).state_dict()
+    gu = a["model.layers.0.mlp.experts.gate_up_proj"]
+    s = math.sqrt(4 * 1 / 2)  # softmax_topk, N=4, G=1, T=2: s = N·G/T = 2; exact placement puts sqrt(s) on up
+    for e in range(4):
+        assert torch.equal(gu[e, :96], dense["model.layers.0.mlp.gate_proj.weight"])
+        assert torch.allclose(gu[e, 96:], dense["model.layers.0.mlp.up_proj.weight"] * s)
+
+
+# ---------------------------------------------------------------------------------------------------- determinism, layers
+
+
+def test_deterministic_for_a_seed_and_streaming_equals_in_memory(tmp_path, tiny_dense_dirs):
+    folder = tiny_dense_dirs["mistral"]
+    kw = dict(num_experts=8, top_k=2, drop_ratio=0.3, noise_std=1e-3, noise_fraction=0.5, dtype="float32")
+    a = tensors(upcycle(folder, tmp_path / "a", seed=7, **kw))
+    b = tensors(upcycle(folder, tmp_path / "b", seed=7, **kw))
+    c = tensors(upcycle(folder, tmp_path / "c", seed=8, **kw))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.gate.weight"], c["model.layers.0.mlp.gate.weight"])
+    online = upcycle_in_memory(folder, seed=7, **kw).state_dict()
+    assert all(torch.equal(a[k], online[k]) for k in a)
+
+
+def test_moe_layers_every_nth_and_list(tmp_path, tiny_dense_dirs):
+    folder = tiny_dense_dirs["llama"]
+    m = upcycle_in_memory(folder, moe_layers="every:2", router="topk_softmax", dtype="float32")
+    assert m.config.mlp_layer_types == ["dense", "sparse"]
+    sd = m.state_dict()
+    assert "model.layers.0.mlp.gate_proj.weight" in sd and "model.layers.1.mlp.experts.gate_up_proj" in sd
+    assert max_logit_diff(load_dense(folder), m, IDS) <= 1e-4
+    assert upcycle_in_memory(folder, moe_layers=[0]).config.mlp_layer_types == ["sparse", "dense"]
+
+
+def test_from_dense_accepts_a_model_and_records_provenance(tiny_dense_dirs):
+    dense = load_dense(tiny_dense_dirs["nemotron"])
+    moe = UpcycledMoeForCausalLM.from_dense(dense, num_experts=4, top_k=2, router="topk_softmax")
+    assert max_logit_diff(dense, moe, IDS) <= 1e-4
+    prov = moe.config.upcycling
+    assert prov["tool"] == "upcycled-moe" and prov["tool_version"]
+    assert prov["options"]["num_experts"] == 4 and prov["source"]["format"] == "in-memory"
+
+
+def test_provenance_in_config_json(tmp_path, tiny_dense_dirs):
+    out = upcycle(tiny_dense_dirs["qwen3"], tmp_path / "moe", num_experts=4, top_k=2, seed=5)
+    prov = json.loads((out / "config.json").read_text())["upcycling"]
+    assert prov["source"]["path"] == str(tiny_dense_dirs["qwen3"].resolve())
+    assert prov["source"]["fingerprint"].startswith("sha256:")
+    assert set(UpcycleOptions.field_names()) <= set(prov["options"])
+    assert prov["options"]["seed"] == 5 and prov["tool_version"]
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+
+def test_options_yaml_and_unknown_keys(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text(yaml.safe_dump({"num-experts": 16, "top_k": 4, "granularity": 2, "moe_layers": "0,3"}))
+    o = UpcycleOptions.from_yaml(path, top_k=8)
+    assert (o.num_experts, o.top_k, o.granularity, o.moe_layers) == (16, 8, 2, [0, 3])
+    path.write_text("num_expert: 4\n")
+    with pytest.raises(UpcycleError, match="unknown option"):
+        UpcycleOptions.from_yaml(path)
+
+
+def test_defaults_match_the_issue():
+    o = UpcycleOptions()
+    assert (o.num_experts, o.top_k, o.granularity, o.router, o.scaling) == (8, 2, 1, "softmax_topk", "exact")
+    assert 0 < o.router_init_std <= 0.002
+
+
+def test_routing_weights_follow_the_model():
+    logits = torch.randn(32, 8)
+    w, i = routing_weights(logits, "topk_softmax", 2)
+    assert torch.allclose(w.sum(-1), torch.ones(32))
+    w, _ = routing_weights(logits, "softmax_topk", 2)
+    assert (w.sum(-1) < 1).all()

@@ -1,0 +1,88 @@
+"""Streaming and atomic output: the whole MoE is never held in memory, and OUTPUT is all-or-nothing."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from upcycled_moe.conversion import UpcycleError, upcycle
+from upcycled_moe.conversion import convert as convert_module
+from upcycled_moe.conversion.writer import TensorPlan, write_sharded
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conversion import measure  # noqa: E402  benchmarks/conversion.py
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """A random Llama whose experts are large next to the process baseline: 16 fp32 experts of one layer's
+    gate_up_proj are 134 MB, so holding a layer (let alone the model, 805 MB) would show in peak RSS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=2048,
+                                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8))
+    out = tmp_path_factory.mktemp("wide") / "llama"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_the_number_of_experts(wide_llama_dir, tmp_path):
+    runs = {n: measure(wide_llama_dir, tmp_path / f"moe{n}", num_experts=n, top_k=2, dtype="float32")
+            for n in (4, 16)}
+    print(f"\nwide llama fp32: 4 experts {runs[4]}, 16 experts {runs[16]}")
+    assert runs[16]["output_mib"] > 3.5 * runs[4]["output_mib"]
+    assert runs[16]["peak_rss_mib"] <= 1.10 * runs[4]["peak_rss_mib"]
+
+
+def test_writer_streams_chunks_into_valid_sharded_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    full = {"a": torch.randn(6, 5, generator=g), "b": torch.randn(3, 4, 2, generator=g).to(torch.bfloat16),
+            "c": torch.arange(7, dtype=torch.int64)}
+
+    def chunks(t):
+        return lambda: iter(t.split(2))  # several chunks per tensor, as experts are produced
+
+    plans = [TensorPlan(k, tuple(v.shape), v.dtype, chunks(v)) for k, v in full.items()]
+    index = write_sharded(tmp_path, plans, max_shard_size=100)
+    assert len(set(index["weight_map"].values())) == 3
+    for name, shard in index["weight_map"].items():
+        with safe_open(tmp_path / shard, "pt") as f:
+            assert torch.equal(f.get_tensor(name), full[name])
+    bad = [TensorPlan("x", (4, 2), torch.float32, lambda: iter([torch.zeros(3, 2)]))]
+    with pytest.raises(RuntimeError, match="rows"):
+        write_sharded(tmp_path, bad, 10**6)
+
+
+def test_failure_leaves_nothing_at_output(tmp_path, tiny_dense_dirs, monkeypatch):
+    """A failure after the shards were written: OUTPUT absent, no temporary folder left."""
+
+    def broken(folder, plan):
+        raise OSError("disk full (simulated after the weights were written)")
+
+    monkeypatch.setattr(convert_module, "write_side_files", broken)
+    with pytest.raises(OSError):
+        upcycle(tiny_dense_dirs["llama"], tmp_path / "moe", num_experts=4, top_k=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_refused_then_replaced_with_overwrite(tmp_path, tiny_dense_dirs):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UpcycleError, match="--overwrite"):
+        upcycle(tiny_dense_dirs["llama"], out, num_experts=4, top_k=2)
+    assert (out / "keep.txt").read_text() == "precious"
+    upcycle(tiny_dense_dirs["llama"], out, num_experts=4, top_k=2, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["moe"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    upcycle(tiny_dense_dirs["llama"], empty, num_experts=4, top_k=2)  # an empty folder is fine
+    assert (empty / "config.json").is_file()

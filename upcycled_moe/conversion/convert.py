@@ -1,0 +1,465 @@
+"""Dense → UpcycledMoe: the conversion plan, the offline tool (`upcycle`) and online upcycling (`upcycle_in_memory`).
+
+Both paths build the same plan: one `TensorPlan` per tensor of the MoE state dict (names from docs/contract.md,
+checked against the model class instantiated on the meta device), each producing its rows on demand from the dense
+source. Offline, the plan is streamed to sharded safetensors; online, it fills an uninitialised model in place.
+
+Shared expert: when enabled it is a copy of the dense FFN. To keep the step-0 output equal to the dense output, the
+shared expert's down projection is halved and the routed experts are scaled to half the dense output (s/2 with the
+same placement), rather than zeroing the routed experts, which would give the router no gradient at step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UpcycleError
+from .families import dense_config_fields, is_gated
+from .methods import (
+    ExpertRecipe,
+    activation_scale,
+    build_expert,
+    calibrated_scale,
+    generator_for,
+    place_scale,
+    router_weight,
+    selected_mass,
+)
+from .options import UpcycleOptions
+from .sample_text import calibration_text, read_text
+from .sources import DenseSource, open_source
+from .writer import AtomicFolder, TensorPlan, check_output, materialise, write_sharded
+
+
+# UpcycledMoeConfig fields a user may set through `extra_config` (training behaviour, not the conversion itself).
+EXTRA_CONFIG_FIELDS = (
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_jitter_noise",
+    "capacity_factor",
+    "output_router_logits",
+)
+COPY_CHUNK_BYTES = 64 * 1024 * 1024
+SHARED_EXPERT_SHARE = 0.5
+
+
+def _tool_version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _torch_dtype(name: str, source: DenseSource) -> torch.dtype:
+    if name == "auto":
+        dtype = source.dtype
+        return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ConversionPlan:
+    """Everything decided before the first weight is read (except calibration, which runs the dense model)."""
+
+    source: DenseSource
+    options: UpcycleOptions
+    config: object  # UpcycledMoeConfig
+    dtype: torch.dtype
+    moe_layers: list[int]
+    scales: dict[int, float]
+    calibration: dict[int, float] = field(default_factory=dict)
+    tensors: list[TensorPlan] = field(default_factory=list)
+
+
+def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.dtype):
+    """The UpcycledMoeConfig for this source and these options (dense part from the family, MoE part from options)."""
+    from ..configuration_upcycled_moe import UpcycledMoeConfig
+
+    fields = dense_config_fields(source.config)
+    width, num_layers = fields["intermediate_size"], fields["num_hidden_layers"]
+    options.check_against_source(num_layers, width)
+    layers = options.resolve_moe_layers(num_layers)
+    bad = sorted(set(options.extra_config) - set(EXTRA_CONFIG_FIELDS))
+    if bad:
+        raise UpcycleError(f"extra_config may only set {list(EXTRA_CONFIG_FIELDS)}, got {bad}")
+    fields.update(
+        num_experts=options.num_experts,
+        num_experts_per_tok=options.top_k,
+        moe_intermediate_size=width // options.granularity,
+        router_type=options.router,
+        norm_topk_prob=False,
+        mlp_layer_types=["sparse" if i in layers else "dense" for i in range(num_layers)],
+        num_shared_experts=1 if options.shared_expert else 0,
+        shared_expert_intermediate_size=width,
+        **options.extra_config,
+    )
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the grouped-GEMM multiple-of-8 hint is for training, not conversion
+            config = UpcycledMoeConfig(**fields)
+    except (ValueError, TypeError) as exc:
+        raise UpcycleError(str(exc).splitlines()[0]) from None
+    config.dtype = dtype
+    config.architectures = ["UpcycledMoeForCausalLM"]
+    config.auto_map = {
+        "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
+        "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
+        "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
+    }
+    return config, layers
+
+
+def layer_router(plan: ConversionPlan, layer: int) -> torch.Tensor:
+    """The router of `layer` exactly as stored (in the output dtype)."""
+    o, cfg = plan.options, plan.config
+    g = generator_for(o.seed, "router", layer)
+    return router_weight(o.num_experts, o.granularity, cfg.hidden_size, o.router_init_std, g).to(plan.dtype)
+
+
+def base_scales(options: UpcycleOptions, layers: list[int]) -> dict[int, float]:
+    """Per-layer activation scale s before any calibration (1 for scaling='none')."""
+    if options.scaling == "none":
+        return {i: 1.0 for i in layers}
+    s = activation_scale(options.router, options.num_experts, options.top_k, options.granularity)
+    if options.shared_expert:
+        s *= 1.0 - SHARED_EXPERT_SHARE
+    return {i: s for i in layers}
+
+
+def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None) -> ConversionPlan:
+    """Config, scales (calibrated if asked) and the list of tensor plans in the model's state-dict order."""
+    dtype = _torch_dtype(options.dtype, source)
+    config, layers = build_moe_config(source, options, dtype)
+    plan = ConversionPlan(source, options, config, dtype, layers, base_scales(options, layers))
+    if options.scaling == "calibrated":
+        plan.calibration = measure_selected_mass(plan, tokenizer=tokenizer)
+        target = 1.0 - SHARED_EXPERT_SHARE if options.shared_expert else 1.0
+        plan.scales = {i: target * calibrated_scale(m, options.granularity) for i, m in plan.calibration.items()}
+    plan.tensors = tensor_plans(plan)
+    return plan
+
+
+class DenseMlpCache:
+    """The dense FFN matrices of one layer in float32, kept while that layer's expert tensors are produced."""
+
+    def __init__(self, source: DenseSource, gated: bool):
+        self.source, self.gated = source, gated
+        self.layer, self.value = None, None
+
+    def get(self, layer: int):
+        if self.layer != layer:
+            self.value = None  # free the previous layer first
+            prefix = f"model.layers.{layer}.mlp."
+            gate = self.source.get(prefix + "gate_proj.weight").float() if self.gated else None
+            up = self.source.get(prefix + "up_proj.weight").float()
+            down = self.source.get(prefix + "down_proj.weight").float()
+            self.layer, self.value = layer, (gate, up, down)
+        return self.value
+
+
+def _copy_producer(source: DenseSource, name: str, dtype: torch.dtype, multiplier: float = 1.0):
+    """Copy a dense tensor, in row chunks of at most COPY_CHUNK_BYTES (embeddings can be GBs)."""
+
+    def produce():
+        shape = source.shape(name)
+        if not shape:
+            yield source.get(name).to(dtype).reshape(1)
+            return
+        step = max(1, COPY_CHUNK_BYTES // (4 * max(1, math.prod(shape[1:]))))
+        for start in range(0, shape[0], step):
+            chunk = source.get(name, slice(start, min(start + step, shape[0])))
+            if multiplier != 1.0:
+                chunk = chunk.float() * multiplier
+            yield chunk.to(dtype)
+
+    return produce
+
+
+def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
+    """One TensorPlan per tensor of the MoE model, in its state-dict order, checked against the model class."""
+    from ..modeling_upcycled_moe import UpcycledMoeForCausalLM
+
+    source, o, cfg, dtype = plan.source, plan.options, plan.config, plan.dtype
+    gated = is_gated(source.model_type)
+    cache = DenseMlpCache(source, gated)
+    recipes = {
+        i: ExpertRecipe(
+            granularity=o.granularity,
+            multipliers=place_scale(plan.scales[i], o.scaling, gated, cfg.hidden_act),
+            drop_ratio=o.drop_ratio,
+            noise_std=o.noise_std,
+            noise_fraction=o.noise_fraction,
+            seed=o.seed,
+        )
+        for i in plan.moe_layers
+    }
+    with torch.device("meta"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = UpcycledMoeForCausalLM(cfg)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    del meta
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    dense_names = set(source.names())
+    sparse = set(plan.moe_layers)
+    plans = []
+    for name, shape in expected.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(.+)", name)
+        layer = int(m.group(1)) if m else None
+        if m and layer in sparse:
+            produce = _sparse_producer(plan, cache, recipes[layer], layer, m.group(2), gated)
+        elif name in dense_names:
+            produce = _copy_producer(source, name, dtype)
+        else:
+            raise RuntimeError(f"no rule builds {name}: the model class and the conversion disagree (contract drift)")
+        plans.append(TensorPlan(name, shape, dtype, produce))
+    return plans
+
+
+def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
+    """Producers for a sparse layer's router, routed experts (one expert per chunk) and shared expert."""
+    n, dtype = plan.options.num_experts, plan.dtype
+
+    def experts(which):
+        def produce():
+            for e in range(n):
+                g, u, d = build_expert(*cache.get(layer), e, layer, recipe)
+                out = torch.cat([g, u], dim=0) if which == "gate_up_proj" else (u if which == "up_proj" else d)
+                del g, u, d  # only this expert's chunk stays alive while it is written
+                yield out.unsqueeze(0).to(dtype)
+                del out
+
+        return produce
+
+    if leaf == "gate.weight":
+        return lambda: iter([layer_router(plan, layer)])
+    if leaf in ("experts.gate_up_proj", "experts.up_proj", "experts.down_proj"):
+        if (leaf == "experts.gate_up_proj") != gated and leaf != "experts.down_proj":
+            raise RuntimeError(f"{leaf} does not match a {'gated' if gated else 'plain'} MLP")
+        return experts(leaf.split(".", 1)[1])
+    shared = re.fullmatch(r"shared_expert\.(gate_proj|up_proj|down_proj)\.weight", leaf)
+    if shared:
+        name = f"model.layers.{layer}.mlp.{shared.group(1)}.weight"
+        scaled = plan.options.scaling != "none" and shared.group(1) == "down_proj"
+        return _copy_producer(plan.source, name, dtype, SHARED_EXPERT_SHARE if scaled else 1.0)
+    raise RuntimeError(f"no rule builds model.layers.{layer}.mlp.{leaf} (contract drift)")
+
+
+# ---------------------------------------------------------------------------------------------------- calibration
+
+
+def _token_batches(tokenizer, text: str, max_tokens: int, length: int = 512) -> list[torch.Tensor]:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
+    return [ids[i : i + length].unsqueeze(0) for i in range(0, ids.numel(), length) if ids[i : i + length].numel() > 1]
+
+
+@torch.no_grad()
+def measure_selected_mass(plan: ConversionPlan, tokenizer=None) -> dict[int, float]:
+    """Per MoE layer, the mean over real tokens of the routing weight the initial router gives its top-k.
+
+    Runs the dense model on sample text, captures each layer's FFN input and applies that layer's router (exactly
+    as it will be stored). The calibrated s = G / mean makes the mean gain s · E[Σ selected w] / G equal to 1.
+    """
+    source, o = plan.source, plan.options
+    tokenizer = tokenizer or source.load_tokenizer()
+    if tokenizer is None:
+        raise UpcycleError("scaling='calibrated' needs the source's tokenizer (none found): pass tokenizer=")
+    text = read_text(o.calibration_text, calibration_text)
+    batches = _token_batches(tokenizer, text, o.calibration_tokens)
+    if not batches:
+        raise UpcycleError("the calibration text is too short")
+    model = source.load_dense_model(torch.float32)
+    model.eval()
+    routers = {i: layer_router(plan, i).float() for i in plan.moe_layers}
+    totals = {i: [0.0, 0] for i in plan.moe_layers}
+    hooks = []
+
+    def hook_for(i):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            mass = selected_mass(x @ routers[i].t(), o.router, o.top_k)
+            totals[i][0] += mass.sum().item()
+            totals[i][1] += mass.numel()
+
+        return hook
+
+    try:
+        for i in plan.moe_layers:
+            hooks.append(model.model.layers[i].mlp.register_forward_pre_hook(hook_for(i)))
+        for ids in batches:
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: total / count for i, (total, count) in totals.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+
+
+def provenance(plan: ConversionPlan) -> dict:
+    """The config's `upcycling` field: source, every option, the scales used and the tool version."""
+    o = plan.options
+    record = {
+        "tool": "upcycled-moe",
+        "tool_version": _tool_version(),
+        "source": dict(plan.source.description),
+        "options": json.loads(json.dumps(o.to_dict(), default=str)),
+        "moe_layers": plan.moe_layers,
+        "activation_scale": {str(i): plan.scales[i] for i in plan.moe_layers},
+        "scale_placement": o.scaling,
+        "dtype": str(plan.dtype).replace("torch.", ""),
+    }
+    if plan.calibration:
+        record["calibration_mean_selected_mass"] = {str(i): v for i, v in plan.calibration.items()}
+    if o.shared_expert:
+        record["shared_expert_init"] = (
+            f"dense FFN with down_proj x {SHARED_EXPERT_SHARE}; routed experts scaled to the other half"
+            if o.scaling != "none"
+            else "dense FFN copy (no scaling)"
+        )
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------- offline tool
+
+
+def _code_files() -> list[Path]:
+    """configuration/modeling files and the sibling modules the modeling file imports relatively."""
+    package = Path(__file__).resolve().parent.parent
+    files, todo = [], ["configuration_upcycled_moe.py", "modeling_upcycled_moe.py"]
+    while todo:
+        name = todo.pop()
+        path = package / name
+        if path in files or not path.is_file():
+            continue
+        files.append(path)
+        for dep in re.findall(r"^\s*from\s+\.(\w+)\s+import", path.read_text(encoding="utf-8"), flags=re.M):
+            todo.append(dep + ".py")
+    return files
+
+
+def _say(quiet: bool, message: str):
+    if not quiet:
+        print(message, flush=True)
+
+
+def upcycle(source, output, *, quiet: bool = True, tokenizer=None, **options) -> Path:
+    """Convert a dense checkpoint into an UpcycledMoe folder at `output` (streamed, atomic). Returns the path.
+
+    `options` are UpcycleOptions fields (or pass `options=UpcycleOptions(...)`). Raises UpcycleError on bad input.
+    """
+    opts = options.pop("options", None)
+    opts = UpcycleOptions.from_dict(opts.to_dict() if opts is not None else {}, **options)
+    start = time.perf_counter()
+    local = Path(source).expanduser() if isinstance(source, (str, Path)) else None
+    source_folder = None
+    if local is not None and local.exists():
+        source_folder = local if local.is_dir() else local.parent
+    out = check_output(output, opts.overwrite, source_folder)
+    src = open_source(source, allow_bin=opts.allow_bin, revision=opts.revision, gguf_file=opts.gguf_file,
+                      tokenizer=tokenizer)
+    plan = plan_conversion(src, opts, tokenizer=tokenizer)
+    plan.config.upcycling = provenance(plan)
+    _say(quiet, f"upcycling {src.description.get('path') or src.description.get('hub_id') or 'model'} "
+                f"({src.model_type}) into {opts.num_experts} experts top-{opts.top_k}, G={opts.granularity}, "
+                f"router {opts.router}, scaling {opts.scaling}, {len(plan.tensors)} tensors")
+    with AtomicFolder(out, opts.overwrite) as tmp:
+        done = [0]
+
+        def progress(tensor_plan):
+            done[0] += 1
+            if not quiet and (done[0] % 50 == 0 or done[0] == len(plan.tensors)):
+                print(f"  wrote {done[0]}/{len(plan.tensors)} tensors", flush=True)
+
+        write_sharded(tmp, plan.tensors, opts.max_shard_size, progress=progress)
+        write_side_files(tmp, plan)
+        results = None
+        if opts.verify:
+            from .verify import format_report, verify
+
+            _say(quiet, "verifying against the dense model ...")
+            dense = src.load_dense_model(torch.float32)
+            results = verify(dense, tmp, text_path=opts.verify_text, tokenizer=src.load_tokenizer())
+            _say(quiet, format_report(results))
+            plan.config.upcycling["verify"] = results
+            plan.config.save_pretrained(tmp)
+        write_model_card(tmp, plan, results)
+    _say(quiet, f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def write_side_files(folder: Path, plan: ConversionPlan) -> None:
+    """config.json (with auto_map and provenance), the code files, tokenizer and generation config."""
+    from transformers import GenerationConfig
+
+    plan.config.save_pretrained(folder)
+    for path in _code_files():
+        shutil.copy2(path, folder / path.name)
+    plan.source.save_tokenizer(folder)
+    gen = plan.source.generation_config()
+    if gen is None:
+        gen = GenerationConfig.from_model_config(plan.config)
+    gen.save_pretrained(folder)
+
+
+def write_model_card(folder: Path, plan: ConversionPlan, verify_results: dict | None) -> None:
+    from .model_card import render_model_card
+
+    (folder / "README.md").write_text(render_model_card(plan, verify_results), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------- online
+
+
+def upcycle_in_memory(source_or_model, model_class=None, tokenizer=None, **options):
+    """Online upcycling: the UpcycledMoe model built in memory from a dense path, Hub id, GGUF or model.
+
+    The model is allocated uninitialised in the output dtype and every parameter is filled in place from the plan,
+    so no second copy of the MoE is ever made.
+    """
+    from transformers.initialization import no_init_weights
+
+    if model_class is None:
+        from ..modeling_upcycled_moe import UpcycledMoeForCausalLM as model_class
+    opts = options.pop("options", None)
+    opts = UpcycleOptions.from_dict(opts.to_dict() if opts is not None else {}, **options)
+    src = open_source(source_or_model, allow_bin=opts.allow_bin, revision=opts.revision, gguf_file=opts.gguf_file,
+                      tokenizer=tokenizer)
+    plan = plan_conversion(src, opts, tokenizer=tokenizer)
+    plan.config.upcycling = provenance(plan)
+    with no_init_weights():
+        model = model_class._from_config(plan.config, dtype=plan.dtype)
+    state = dict(model.state_dict(keep_vars=True))
+    for tensor_plan in plan.tensors:
+        target = state[tensor_plan.name]
+        with torch.no_grad():
+            materialise(tensor_plan, out=target.data)
+    if plan.config.tie_word_embeddings:
+        model.tie_weights()
+    gen = src.generation_config()
+    if gen is not None:
+        model.generation_config = gen
+    model.eval()
+    return model
+
+
+__all__ = ["ConversionPlan", "build_moe_config", "plan_conversion", "upcycle", "upcycle_in_memory"]

@@ -1,0 +1,211 @@
+"""Streaming sharded safetensors writer and the atomic output folder.
+
+Every output tensor is planned up front (name, shape, dtype and a producer of its rows), so each shard's header is
+written first and the data streamed after it, one chunk at a time: a 3D expert tensor is produced expert by
+expert, so memory does not grow with the number of experts and the whole MoE is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UpcycleError
+
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: `produce()` yields chunks that, concatenated along dim 0, give the tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for x in self.shape:
+            n *= x
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _chunks(plan: TensorPlan):
+    """The plan's chunks, checked for dtype and total size (a wrong producer is a bug, caught before it lands)."""
+    rows = 0
+    for chunk in plan.produce():
+        if chunk.dtype != plan.dtype:
+            chunk = chunk.to(plan.dtype)
+        if tuple(chunk.shape[1:]) != tuple(plan.shape[1:]):
+            raise RuntimeError(f"{plan.name}: chunk shape {tuple(chunk.shape)} does not fit {plan.shape}")
+        rows += chunk.shape[0] if chunk.dim() else 1
+        yield chunk.contiguous()
+    expected = plan.shape[0] if plan.shape else 1
+    if rows != expected:
+        raise RuntimeError(f"{plan.name}: produced {rows} rows, planned {expected}")
+
+
+def materialise(plan: TensorPlan, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole tensor in memory (online upcycling), filled chunk by chunk into `out` when given."""
+    if out is None:
+        out = torch.empty(plan.shape, dtype=plan.dtype)
+    if not plan.shape:
+        for chunk in _chunks(plan):
+            out.copy_(chunk.reshape(()))
+        return out
+    row = 0
+    for chunk in _chunks(plan):
+        out[row : row + chunk.shape[0]].copy_(chunk)
+        row += chunk.shape[0]
+    return out
+
+
+def assign_shards(plans: list[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow (a huge tensor gets its own)."""
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for plan in plans:
+        if shards[-1] and size + plan.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(plan)
+        size += plan.nbytes
+    return shards
+
+
+def write_safetensors(path: Path, plans: list[TensorPlan], metadata: dict | None = None, progress=None) -> None:
+    """One safetensors file: header from the plans, then each tensor's chunks streamed to disk."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for plan in plans:
+        header[plan.name] = {"dtype": DTYPE_NAMES[plan.dtype], "shape": list(plan.shape),
+                             "data_offsets": [offset, offset + plan.nbytes]}
+        offset += plan.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for plan in plans:
+            written = 0
+            for chunk in _chunks(plan):
+                data = chunk.view(-1).view(torch.uint8).numpy() if chunk.numel() else b""
+                f.write(memoryview(data) if len(data) else b"")
+                written += chunk.numel() * chunk.element_size()
+            if written != plan.nbytes:
+                raise RuntimeError(f"{plan.name}: wrote {written} bytes, planned {plan.nbytes}")
+            if progress is not None:
+                progress(plan)
+
+
+def write_sharded(folder: Path, plans: list[TensorPlan], max_shard_size: int, progress=None) -> dict:
+    """model-0000i-of-0000N.safetensors + model.safetensors.index.json (always an index: Hub layout)."""
+    names = [p.name for p in plans]
+    if len(set(names)) != len(names):
+        raise RuntimeError("duplicate tensor names in the plan")
+    shards = assign_shards(plans, max_shard_size)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / filename, shard, progress=progress)
+        weight_map.update({p.name: filename for p in shard})
+    index = {
+        "metadata": {"total_size": sum(p.nbytes for p in plans), "total_parameters": sum(p.numel for p in plans)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------------- output folder
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(output, overwrite: bool, source_folder: Path | None = None) -> Path:
+    """Refuse an output that would clobber data or the source; called before any weight is read."""
+    out = Path(output).expanduser().resolve()
+    if source_folder is not None:
+        src = Path(source_folder).resolve()
+        if _inside(out, src):
+            raise UpcycleError(f"output {out} is inside the source folder {src}: choose a folder outside it")
+        if _inside(src, out):
+            raise UpcycleError(f"the source {src} is inside the output {out}: choose another output folder")
+    if out.exists():
+        if not out.is_dir():
+            raise UpcycleError(f"output {out} exists and is a file")
+        if any(out.iterdir()) and not overwrite:
+            raise UpcycleError(f"output {out} exists and is not empty: pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise UpcycleError(f"the parent folder of the output, {out.parent}, does not exist")
+    return out
+
+
+class AtomicFolder:
+    """Write into a temporary sibling folder; rename it to `output` only when everything succeeded.
+
+    On any failure the temporary folder is removed and `output` is left as it was (absent, or the old content).
+    """
+
+    def __init__(self, output: Path, overwrite: bool):
+        self.output = Path(output)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        self.commit()
+        return False
+
+    def commit(self):
+        old = None
+        if self.output.exists():
+            if any(self.output.iterdir()):
+                if not self.overwrite:  # appeared while we were converting
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+                    raise UpcycleError(f"output {self.output} appeared and is not empty: pass --overwrite")
+                old = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old-", dir=self.output.parent))
+                os.replace(self.output, old / "x")
+            else:
+                self.output.rmdir()
+        os.chmod(self.tmp, 0o755)
+        os.replace(self.tmp, self.output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
