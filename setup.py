@@ -10,8 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["upcycled_moe", "upcycled_moe.*", "trainer_scripts", "trainer_scripts.*"]),
-    package_data={"upcycled_moe": ["model_cards/*.md"], "trainer_scripts": ["accelerate_configs/*.yaml"]},
+    packages=find_packages(include=["upcycled_moe", "upcycled_moe.*", "trainer_scripts", "trainer_scripts.*", "experiments"]),
+    package_data={"upcycled_moe": ["model_cards/*.md"], "trainer_scripts": ["accelerate_configs/*.yaml"], "experiments": ["*.yaml"]},
     install_requires=[
         "torch>=2.9",
         "transformers>=5.17,<6",
