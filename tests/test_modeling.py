@@ -71,7 +71,12 @@ def test_width_not_multiple_of_8_warns_and_still_runs():
     assert not config.grouped_mm_compatible
     model = UpcycledMoeForCausalLM(config)
     ids = torch.randint(0, 128, (1, 5))
-    assert torch.isfinite(model(ids, labels=ids).loss)
+    loss = model(ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    with pytest.warns(UserWarning, match="grouped_mm cannot take"):
+        model.set_experts_implementation("grouped_mm")
+    assert model.config._experts_implementation == "upcycled_fused"
+    torch.testing.assert_close(model(ids, labels=ids).loss, loss)
 
 
 def test_config_round_trip_and_auto_registration(tmp_path):

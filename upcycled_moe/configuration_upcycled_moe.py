@@ -162,8 +162,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
         if "sparse" in self.mlp_layer_types and (self.hidden_size % 8 or self.moe_intermediate_size % 8):
             warnings.warn(
                 f"hidden_size={self.hidden_size} or moe_intermediate_size={self.moe_intermediate_size} is not a "
-                "multiple of 8: grouped-GEMM experts kernels cannot use it, so the experts fall back to the eager "
-                "loop on GPU (slower, same results). Pick multiples of 8 for speed.",
+                "multiple of 8: grouped-GEMM experts kernels cannot use it, so the experts fall back to a per-expert "
+                "loop (slower, same results). Pick multiples of 8 for speed.",
                 stacklevel=3,
             )
 

@@ -5,6 +5,7 @@ block, decoder layer, pre-trained model, model, losses, causal-LM head. Shipped 
 so it imports only torch and transformers (and its sibling files, relatively).
 """
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -432,6 +433,14 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
         BENCHMARKS.md); an explicit `experts_implementation` always wins."""
         if requested_experts is None and fused_experts_forward is not None:
             requested_experts = "upcycled_fused"
+        if requested_experts == "grouped_mm" and not self.config.grouped_mm_compatible:
+            fallback = "upcycled_fused" if fused_experts_forward is not None else "eager"
+            warnings.warn(
+                f"grouped_mm cannot take hidden_size={self.config.hidden_size} / moe_intermediate_size="
+                f"{self.config.moe_intermediate_size} (not multiples of 8): using {fallback!r} instead",
+                stacklevel=2,
+            )
+            requested_experts = fallback
         return super().get_correct_experts_implementation(requested_experts)
 
     def num_active_parameters(self, exclude_embeddings: bool = True) -> int:
