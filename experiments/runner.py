@@ -704,12 +704,7 @@ def collect_run(run_dir: Path, plan: dict, summary: dict, wall: float, resumed: 
 
     records = read_jsonl(str(run_dir / "metrics.jsonl"))
     config = UpcycledMoeConfig.from_pretrained(run_dir)
-    seq = plan["values"]["block_size"]
-    attn = 0.0
-    for kind in config.layer_types:
-        span = min(seq, config.sliding_window) if kind == "sliding_attention" and config.sliding_window else seq
-        attn += 6 * span * config.num_attention_heads * config.head_dim
-    fpt = 6.0 * summary["active_params"] + attn
+    fpt = summary["flops_per_token"]
     per_step = plan["values"]["block_size"] * plan["values"]["micro_batch_size"] * plan["values"]["gradient_accumulation_steps"]
     evals = {}
     for r in records:

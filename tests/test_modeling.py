@@ -312,6 +312,9 @@ def test_flops_count_active_parameters_only():
     experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
     total = model.num_parameters(exclude_embeddings=True)
     assert model.num_active_parameters() == total - experts + experts // 4
+    tied = small_model(num_experts=8, num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"],
+                       tie_word_embeddings=True)
+    assert tied.num_active_parameters() == model.num_active_parameters()  # the tied LM head still multiplies
     ids = torch.randint(0, 128, (3, 10))
     assert model.floating_point_ops({"input_ids": ids}) == 6 * 30 * model.num_active_parameters()
 

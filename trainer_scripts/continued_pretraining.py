@@ -462,7 +462,8 @@ def run(cfg: PretrainConfig) -> dict:
     summary = {"steps": cfg.max_steps, "tokens": tokens_seen, "global_batch": layout.global_batch,
                "ppl_before": ppl_before, "ppl_after": ev["eval/perplexity"], "eval_loss_after": ev["eval/loss"],
                "aux_coef": mcfg.router_aux_loss_coef, "z_coef": mcfg.router_z_loss_coef,
-               "total_params": counts["total"], "active_params": counts["active"], "last_checkpoint": last_saved}
+               "total_params": counts["total"], "active_params": counts["active"], "flops_per_token": fpt,
+               "last_checkpoint": last_saved}
     if main:
         tokenizer.save_pretrained(cfg.output_dir)
         plots = plot_run(metrics.path, cfg.output_dir, sparse_layers)

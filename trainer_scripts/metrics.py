@@ -29,21 +29,17 @@ def detect_peak_tflops(device: torch.device) -> float | None:
 
 # ------------------------------------------------------------------------------------------------- FLOPs, MFU
 def parameter_counts(model) -> dict[str, int]:
-    """total / active / routed-expert parameter counts. Active = what one token multiplies: every matrix except the
-    input embedding lookup (the tied LM head counts once), routed experts scaled by top_k / num_experts."""
-    config = model.config
-    frac = config.num_experts_per_tok / config.num_experts
+    """total / active / routed-expert / embedding parameter counts; active is the model's own definition
+    (``num_active_parameters``: routed experts at top_k / num_experts, the embedding lookup excluded)."""
     total = expert = embed = 0
     for name, p in model.named_parameters():  # tied parameters appear once
-        n = p.numel() if not hasattr(p, "ds_numel") else p.ds_numel
+        n = getattr(p, "ds_numel", p.numel())
         total += n
         if ".mlp.experts." in name:
             expert += n
         elif "embed_tokens" in name:
             embed += n
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    active = total - expert - (0 if tied else embed) + frac * expert
-    return {"total": total, "active": int(round(active)), "routed_experts": expert, "embedding": embed}
+    return {"total": total, "active": model.num_active_parameters(), "routed_experts": expert, "embedding": embed}
 
 
 def flops_per_token(model, seq_len: int, active_params: int | None = None) -> float:

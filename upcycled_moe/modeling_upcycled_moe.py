@@ -443,16 +443,25 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
             requested_experts = fallback
         return super().get_correct_experts_implementation(requested_experts)
 
-    def num_active_parameters(self, exclude_embeddings: bool = True) -> int:
-        """Parameters one token uses: the routed experts count k/E of their size (for FLOPs and MFU)."""
-        total = self.num_parameters(exclude_embeddings=exclude_embeddings)
-        routed = sum(p.numel() for name, p in self.named_parameters() if ".mlp.experts." in name)
-        return int(total - routed * (1 - self.config.num_experts_per_tok / self.config.num_experts))
+    def num_active_parameters(self) -> int:
+        """Parameters one token multiplies (for FLOPs and MFU): every matrix but the input embedding lookup (a tied
+        LM head counts once), the routed experts at k/E of their size."""
+        total = routed = embed = 0
+        for name, p in self.named_parameters():  # tied parameters appear once
+            n = getattr(p, "ds_numel", p.numel())  # DeepSpeed ZeRO-3 partitions parameters
+            total += n
+            if ".mlp.experts." in name:
+                routed += n
+            elif "embed_tokens" in name:
+                embed += n
+        if self.config.tie_word_embeddings:
+            embed = 0
+        return round(total - embed - routed * (1 - self.config.num_experts_per_tok / self.config.num_experts))
 
-    def floating_point_ops(self, input_dict, exclude_embeddings: bool = True) -> int:
+    def floating_point_ops(self, input_dict) -> int:
         """6 x tokens x ACTIVE parameters (Trainer's default counts every expert, overstating MoE FLOPs)."""
         tokens = input_dict[self.main_input_name].numel() if self.main_input_name in input_dict else 0
-        return 6 * tokens * self.num_active_parameters(exclude_embeddings)
+        return 6 * tokens * self.num_active_parameters()
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
