@@ -30,6 +30,7 @@ SHAPES = {  # name: (hidden, expert width, experts, top_k)
     "llama3-8b-fine-g8": (4096, 1792, 64, 8),
     "1b": (2048, 8192, 8, 2),
     "smollm2-135m": (576, 1536, 8, 2),
+    "1b-train": (2048, 4096, 8, 2),  # the MoE layer of benchmarks/train_step.py's 1b model
 }
 ALIASES = {"llama": "llama3-8b", "fine": "llama3-8b-fine-g8", "smollm2": "smollm2-135m"}
 

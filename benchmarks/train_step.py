@@ -10,11 +10,12 @@ random tokens, seq 2048, median of --steps steps after --warmup steps. Both mode
 the MoE one has every MLP sparse (num_experts experts of width moe_width, top-k; router aux loss in the loss);
 the dense twin of the same ACTIVE shape has mlp_layer_types all "dense" with FFN width top_k x moe_width (a
 Llama-shaped model with the same active parameters and FLOPs per token).
-MFU = tokens/s x FLOPs/token / 989e12 with FLOPs/token = 6 x (matmul params, experts scaled by k/E, the embedding
-lookup excluded, a tied/untied lm_head counted once) + 6 x layers x seq x attention width (causal attention).
+MFU = tokens/s x FLOPs/token / 989e12 with FLOPs/token = 6 x model.num_active_parameters() (every parameter but the
+embedding lookup, a tied/untied lm_head counted once, experts scaled by k/E) + 6 x layers x seq x attention width.
 Speed options (on by default, each can be turned off): torch.compile of each decoder layer (regional; the fused
-experts call is opaque to the compiler), a chunked fused linear + cross-entropy (no full fp32 logits), sdpa
-attention (flash kernel on H100).
+experts call is opaque to the compiler), the model's chunked linear + cross-entropy (no full fp32 logits), sdpa
+attention (flash kernel on H100). The loss is the model's own (`model(input_ids, labels=...)`): chunked LM head +
+cross-entropy (config.loss_chunk_size = --ce-chunk, no full logits) plus the router aux loss.
 """
 
 import argparse
@@ -24,7 +25,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -39,44 +39,41 @@ MODELS = {
     # (FFN width 8192).
     "1b": dict(hidden_size=2048, moe_width=4096, num_hidden_layers=16, num_attention_heads=16,
                num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False, batch=8),
+    # a few-MB model for checking the script itself on a CPU (tests/test_benchmarks.py); its numbers mean nothing
+    "tiny": dict(hidden_size=64, moe_width=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, batch=2),
 }
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """mean CE of (h @ W^T) vs labels, computed in row chunks; grads computed in forward (logits never stored)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, labels, chunk):
-        n = h.shape[0]
-        valid = (labels != -100)
-        count = valid.sum().clamp(min=1).float()
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        total = torch.zeros((), device=h.device, dtype=torch.float32)
-        for s in range(0, n, chunk):
-            hc, lc = h[s:s + chunk], labels[s:s + chunk]
-            logits = (hc @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            vc = lc != -100
-            tgt = logits.gather(1, lc.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse - tgt) * vc).sum()
-            grad = torch.softmax(logits, dim=-1)  # reuse: d logits = softmax - onehot
-            grad[torch.arange(hc.shape[0], device=h.device), lc.clamp(min=0)] -= 1.0
-            grad *= (vc.float() / count).unsqueeze(1)
-            grad = grad.to(h.dtype)
-            dh[s:s + chunk] = grad @ weight
-            dw += (grad.t() @ hc).float()
-            del logits, grad
-        ctx.save_for_backward(dh, dw.to(weight.dtype))
-        return total / count
-
-    @staticmethod
-    def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        return dh * g.to(dh.dtype), dw * g.to(dw.dtype), None, None
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
-def build(name, moe, impl, dtype, attn, experts, top_k):
+class Timer:
+    """Milliseconds of the enclosed work: CUDA events on a GPU, the wall clock elsewhere."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.b.record()
+            torch.cuda.synchronize()
+            self.ms = self.a.elapsed_time(self.b)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def build(name, moe, impl, dtype, attn, experts, top_k, device):
     from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
     spec = dict(MODELS[name])
@@ -91,7 +88,7 @@ def build(name, moe, impl, dtype, attn, experts, top_k):
     )
     cfg._attn_implementation = attn
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = UpcycledMoeForCausalLM(cfg).to(dtype)
     if moe:
         model.set_experts_implementation(impl)
@@ -99,85 +96,94 @@ def build(name, moe, impl, dtype, attn, experts, top_k):
 
 
 def flops_per_token(model, cfg, seq):
-    active = 0
-    seen = set()
-    for mod_name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if p.dim() < 2:
-                continue  # norms, biases: no matmul FLOPs worth counting
-            full = f"{mod_name}.{p_name}"
-            if full.endswith("embed_tokens.weight") and not cfg.tie_word_embeddings:
-                continue  # lookup, no matmul (the untied lm_head is its own parameter)
-            if p.dim() == 3:  # routed experts
-                active += p.numel() * cfg.num_experts_per_tok / cfg.num_experts
-            else:
-                active += p.numel()
+    """6 x the model's own active parameters (its `num_active_parameters`, the definition training metrics use)
+    + causal attention's 6 x layers x seq x attention width."""
+    active = model.num_active_parameters()
     attn_width = cfg.num_attention_heads * cfg.head_dim
     return 6 * active + 6 * cfg.num_hidden_layers * seq * attn_width, active
 
 
-def run(name, moe, impl, args, results):
-    from upcycled_moe.modeling_upcycled_moe import load_balancing_loss
+def profile_step(label, step, n, device):
+    """Where a step's GPU time goes: kernel time by kernel, and the share of the wall time the GPU is busy."""
+    from torch.profiler import ProfilerActivity, profile
 
+    gpu = device.type == "cuda"
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) / n * 1e3
+    if gpu:
+        events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+        kernel_time = lambda e: e.device_time_total  # noqa: E731
+    else:  # CPU: self time per operator
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        kernel_time = lambda e: e.self_cpu_time_total  # noqa: E731
+    total = sum(kernel_time(e) for e in events) / n / 1e3
+    what = "GPU kernel time" if gpu else "CPU operator self time"
+    print(f"[profile] {label}: wall {wall:.1f} ms/step (profiler on), {what} {total:.1f} ms/step", flush=True)
+    for e in sorted(events, key=lambda e: -kernel_time(e))[:40]:
+        print(f"    {kernel_time(e) / n / 1e3:8.3f} ms  x{e.count // n:<4d} {e.key[:110]}", flush=True)
+
+
+def run(name, moe, impl, args, results):
     dtype = torch.bfloat16
     batch = args.batch or MODELS[name]["batch"]
     seq = args.seq
-    torch.cuda.empty_cache()
-    model, cfg = build(name, moe, impl, dtype, args.attn, args.experts, args.top_k)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.cuda.empty_cache()
+    model, cfg = build(name, moe, impl, dtype, args.attn, args.experts, args.top_k, device)
     n_params = sum(p.numel() for p in model.parameters())
     fpt, active = flops_per_token(model, cfg, seq)
     if args.compile:
         for layer in model.model.layers:
             layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=g)
 
-    def loss_fn():
-        if args.fused_ce:
-            out = model.model(input_ids=ids, output_router_logits=moe)
-            h = out.last_hidden_state[:, :-1].reshape(-1, cfg.hidden_size)
-            labels = ids[:, 1:].reshape(-1)
-            loss = ChunkedLinearCrossEntropy.apply(h, model.lm_head.weight, labels, args.ce_chunk)
-            if moe:
-                loss = loss + cfg.router_aux_loss_coef * load_balancing_loss(out.router_logits, cfg, None)
-            return loss
+    model.train()
+    model.config.loss_chunk_size = args.ce_chunk if args.fused_ce else 0  # the model's own chunked LM loss
+
+    def loss_fn():  # LM loss + router aux loss, exactly what training with labels runs
         return model(input_ids=ids, labels=ids).loss
 
     def step():
-        loss = loss_fn()
-        loss.backward()
+        for _ in range(args.accum):  # micro-batches per optimizer step (the optimizer's cost is amortised)
+            loss = loss_fn()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    if args.profile:
+        for _ in range(args.warmup):
+            step()
+        profile_step(f"{name} {'MoE ' + impl if moe else 'dense'}", step, args.profile_steps, device)
+        return
     t_compile = time.perf_counter()
     try:
         for _ in range(args.warmup):
             loss = step()
-        torch.cuda.synchronize()
+        sync(device)
         t_compile = time.perf_counter() - t_compile
-        torch.cuda.reset_peak_memory_stats()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(args.steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            loss = step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        # forward+backward alone (no optimizer), to show the optimizer's share
+            with Timer(device) as t:
+                loss = step()
+            times.append(t.ms)
+        # one micro-batch's forward+backward alone (no optimizer), to show the optimizer's share
         fb = []
         for _ in range(max(3, args.steps // 2)):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            loss_fn().backward()
-            b.record()
-            torch.cuda.synchronize()
-            fb.append(a.elapsed_time(b))
+            with Timer(device) as t:
+                loss_fn().backward()
+            fb.append(t.ms)
             opt.zero_grad(set_to_none=True)
     except torch.OutOfMemoryError as err:
         print(f"{name} {'moe' if moe else 'dense'} {impl}: OOM ({str(err)[:120]})", flush=True)
@@ -189,31 +195,34 @@ def run(name, moe, impl, args, results):
     fb.sort()
     ms = times[len(times) // 2]
     fb_ms = fb[len(fb) // 2]
-    tokens = batch * seq
+    tokens = batch * seq * args.accum
     tps = tokens / (ms / 1e3)
-    mfu = tps * fpt / PEAK_FLOPS
-    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "batch": batch, "seq": seq,
+    mfu = tps * fpt / PEAK_FLOPS if gpu else float("nan")  # the peak is an H100's
+    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "batch": batch, "seq": seq, "accum": args.accum,
            "params": n_params, "active_matmul_params": active, "flops_per_token": fpt, "step_ms": ms,
            "fwd_bwd_ms": fb_ms, "tokens_per_s": tps, "mfu": mfu, "loss": loss.item(),
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "warmup_s": t_compile}
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"), "warmup_s": t_compile}
     results.append(row)
     print(f"{name:8s} {'MoE ' + impl if moe else 'dense':22s} batch {batch:3d}  step {ms:8.1f} ms  "
           f"(fwd+bwd {fb_ms:7.1f})  {tps / 1e3:7.1f}k tok/s  MFU {100 * mfu:5.1f}%  params {n_params / 1e9:.2f}B "
           f"active {active / 1e9:.3f}B  peak {row['peak_mem_gib']:.1f} GiB  loss {row['loss']:.3f}  "
           f"warmup {t_compile:.0f}s", flush=True)
     del model, opt
-    torch.cuda.empty_cache()
+    if gpu:
+        torch.cuda.empty_cache()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,1b")
+    ap.add_argument("--models", default="smollm2,1b", help="comma list of " + ", ".join(MODELS))
+    ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checks the script only)")
     ap.add_argument("--moe-impls", default="upcycled_fused")
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--batch", type=int, default=0, help="0: per-model default (smollm2 16, 1b 8)")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (step ms covers all)")
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--attn", default="sdpa")
@@ -221,9 +230,11 @@ def main():
     ap.add_argument("--no-fused-ce", dest="fused_ce", action="store_false")
     ap.add_argument("--ce-chunk", type=int, default=8192)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels per step instead of timing")
+    ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("train_step.py needs a CUDA GPU (nothing measured).")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("train_step.py needs a CUDA GPU (nothing measured); --device cpu only checks the script.")
         return 2
     import transformers
 
@@ -233,7 +244,7 @@ def main():
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+    env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "transformers": transformers.__version__,
            "triton": tv, "compile": args.compile, "fused_ce": args.fused_ce, "attn": args.attn,
            "command": "python " + " ".join(sys.argv)}
     print(json.dumps(env), flush=True)
@@ -250,7 +261,7 @@ def main():
                                 "batch": args.batch or MODELS[name]["batch"]})
                 torch.cuda.empty_cache()
     print()
-    print("| model | variant | batch x seq | params | step ms | fwd+bwd ms | tokens/s | MFU (active) | step vs dense |")
+    print("| model | variant | batch x seq x accum | params | step ms | fwd+bwd ms | tokens/s | MFU (active) | step vs dense |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
@@ -259,7 +270,7 @@ def main():
             continue
         dense = next((d for d in results if d["model"] == r["model"] and not d["moe"] and "error" not in d), None)
         ratio = f"{r['step_ms'] / dense['step_ms']:.2f}x" if dense else "-"
-        print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} x {r['seq']} | "
+        print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} x {r['seq']} x {r['accum']} | "
               f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
               f"{100 * r['mfu']:.1f}% | {ratio} |")
     if args.json:

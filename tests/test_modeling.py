@@ -173,6 +173,57 @@ def test_aux_and_z_loss_equal_their_definitions_on_a_hand_built_routing():
     torch.testing.assert_close(load_balancing_loss((logits,), config, mask), expected_masked)
 
 
+def _per_layer_reference(logits_list, config, mask):
+    """The router terms layer by layer, written out directly (the batched code must equal this)."""
+    E, k = config.num_experts, config.num_experts_per_tok
+    aux, z, loads, ent, dropped = [], [], [], [], []
+    for logits in logits_list:
+        probs, _, index = route(logits, config)
+        n = mask.sum()
+        counts = torch.stack([((index == e).float() * mask[:, None]).sum() for e in range(E)])
+        aux.append(E * ((counts / (n * k)) * (probs * mask[:, None]).sum(0) / n).sum())
+        z.append((torch.logsumexp(logits, -1) ** 2 * mask).sum() / n)
+        loads.append(counts / counts.sum())
+        ent.append((-(probs * probs.clamp(min=1e-12).log()).sum(-1) * mask).sum() / n)
+        capacity = config.expert_capacity(logits.shape[0])
+        keep = capacity_keep_mask(index, E, capacity) if capacity is not None else torch.ones_like(index, dtype=bool)
+        dropped.append(((~keep).float() * mask[:, None]).sum() / (mask.sum() * k))
+    return torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(loads), torch.stack(ent), torch.stack(dropped)
+
+
+@pytest.mark.parametrize("router_type", ["softmax_topk", "topk_softmax", "sigmoid_topk"])
+def test_batched_router_terms_equal_the_per_layer_definitions(router_type):
+    config = small_config(num_experts=8, num_experts_per_tok=2, router_type=router_type, capacity_factor=1.0)
+    torch.manual_seed(0)
+    layers = [(torch.randn(3 * 10, 8) * (1 + i)).requires_grad_(True) for i in range(4)]
+    attention_mask = (torch.rand(3, 10) > 0.3).long()
+    mask = attention_mask.reshape(-1).float()
+    ref_aux, ref_z, ref_load, ref_ent, ref_drop = _per_layer_reference(layers, config, mask)
+    ref_grads = torch.autograd.grad(ref_aux + ref_z, layers)
+    aux = load_balancing_loss(layers, config, attention_mask)
+    z = router_z_loss(layers, attention_mask)
+    torch.testing.assert_close(aux, ref_aux)
+    torch.testing.assert_close(z, ref_z)
+    for got, want in zip(torch.autograd.grad(aux + z, layers), ref_grads):
+        torch.testing.assert_close(got, want)
+    stats = routing_statistics(layers, config, attention_mask)
+    torch.testing.assert_close(stats["expert_load"], ref_load)
+    torch.testing.assert_close(stats["router_entropy"], ref_ent)
+    torch.testing.assert_close(stats["dropped_fraction"], ref_drop)
+    assert ref_drop.sum() > 0  # capacity 1.0 on random routing drops something: the dropped path is exercised
+
+
+def test_zero_weighted_router_terms_are_reported_but_build_no_backward_graph():
+    model = small_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    ids = torch.randint(0, 128, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.aux_loss > 0 and out.z_loss > 0  # still reported
+    assert not out.aux_loss.requires_grad and not out.z_loss.requires_grad
+    model.config.router_aux_loss_coef, model.config.router_z_loss_coef = 0.1, 0.01
+    out = model(ids, labels=ids)
+    assert out.aux_loss.requires_grad and out.z_loss.requires_grad
+
+
 def test_balanced_routing_gives_aux_loss_one():
     config = small_config(num_experts=4, num_experts_per_tok=1, router_type="topk_softmax")
     logits = torch.eye(4) * 10  # each token goes to a different expert, probabilities symmetric
@@ -324,3 +375,57 @@ def test_fused_experts_are_the_default_and_an_explicit_choice_wins(tmp_path):
     assert model.config._experts_implementation == "upcycled_fused"
     model.save_pretrained(tmp_path)
     assert UpcycledMoeForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").config._experts_implementation == "eager"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked LM loss (config.loss_chunk_size)
+# ----------------------------------------------------------------------------------------------------------------
+def _loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad()
+    out = model(ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients(tied, num_items):
+    model = small_model(tie_word_embeddings=tied, router_z_loss_coef=1e-3).train()
+    ids = torch.randint(0, 128, (3, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not trained on
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    full, full_grads = _loss_and_grads(model, ids, labels, **kwargs)
+    model.config.loss_chunk_size = 5  # does not divide the 33 tokens: the last chunk is short
+    chunked, chunked_grads = _loss_and_grads(model, ids, labels, **kwargs)
+    assert full.logits is not None and chunked.logits is None
+    torch.testing.assert_close(chunked.loss, full.loss)
+    assert chunked_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=name)
+    model.eval()  # evaluation and generation keep their logits
+    assert model(ids, labels=labels).logits.shape == (3, 11, 128)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_the_full_loss():
+    model = small_model(loss_chunk_size=8).train()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked, chunked_grads = _loss_and_grads(model, ids, ids)
+        model.config.loss_chunk_size = 0
+        full, full_grads = _loss_and_grads(model, ids, ids)
+    torch.testing.assert_close(chunked.loss, full.loss, atol=2e-2, rtol=2e-2)
+    w = "lm_head.weight"
+    assert chunked_grads[w].dtype == torch.float32
+    rel = (chunked_grads[w] - full_grads[w]).norm() / full_grads[w].norm()
+    assert rel < 2e-2
+
+
+def test_chunked_loss_is_skipped_where_it_cannot_apply():
+    from peft import LoraConfig, get_peft_model
+
+    model = small_model(loss_chunk_size=4).train()
+    ids = torch.randint(0, 128, (2, 8))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    out = peft_model(input_ids=ids, labels=ids)  # a LoRA-wrapped head: the wrapper must run, so full logits
+    assert out.logits is not None and torch.isfinite(out.loss)

@@ -235,6 +235,7 @@ class PretrainConfig:
     experts_implementation: str | None = opt(None, "transformers experts kernel: eager, grouped_mm, ... (None: the model's default)")
     attn_implementation: str | None = opt(None, "sdpa, eager, flash_attention_2, ... (None: transformers' default)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
+    loss_chunk_size: int = opt(4096, "LM loss from the head in chunks of this many tokens, gradients in the same pass: the (tokens x vocab) logits never exist whole (0 = full logits)")
     # --- data
     train_files: list[str] = opt([], "local .txt/.md, .json/.jsonl, .parquet or .csv files (globs allowed)")
     validation_files: list[str] = opt([], "held-out files; default: validation_split of the training documents")
@@ -307,7 +308,7 @@ class PretrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_steps", "eval_steps", "shuffle_buffer_size", "dgs_start_step",
-                     "streaming_validation_documents"):
+                     "streaming_validation_documents", "loss_chunk_size"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps > self.max_steps:

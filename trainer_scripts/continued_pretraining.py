@@ -156,6 +156,7 @@ def load_model(cfg: PretrainConfig, is_moe: bool):
     if overrides:
         model.config._check()  # the config's own validation, one message per problem
     model.config.use_cache = False
+    model.config.loss_chunk_size = cfg.loss_chunk_size  # saved with the model: it only changes training with labels
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -52,6 +52,7 @@ class FinetuneArguments:
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "None: the model's"})
     router_z_loss_coef: float | None = field(default=None, metadata={"help": "None: the model's"})
     experts_implementation: str | None = field(default=None, metadata={"help": "eager, grouped_mm, ... (None: default)"})
+    loss_chunk_size: int = field(default=4096, metadata={"help": "training loss from the LM head in chunks of this many tokens, no full logits (0 = full logits)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow a non-empty output_dir"})
 
 
@@ -174,6 +175,7 @@ def load_model(ft: FinetuneArguments):
     if ft.router_z_loss_coef is not None:
         model.config.router_z_loss_coef = ft.router_z_loss_coef
     model.config.use_cache = False
+    model.config.loss_chunk_size = ft.loss_chunk_size
     return model
 
 
@@ -231,6 +233,8 @@ def run(ft: FinetuneArguments, ta) -> dict:
     mc = AutoConfig.from_pretrained(ft.model_name_or_path)
     if mc.model_type != "upcycled_moe":
         raise ConfigError(f"{ft.model_name_or_path} is a {mc.model_type} model; convert it first (upcycle-moe convert)")
+    if ft.loss_chunk_size < 0:
+        raise ConfigError(f"loss_chunk_size must be >= 0 (0 = full logits), got {ft.loss_chunk_size}")
     if ft.max_seq_length > mc.max_position_embeddings:
         raise ConfigError(f"max_seq_length={ft.max_seq_length} is beyond the model's max_position_embeddings={mc.max_position_embeddings}")
     if os.path.isdir(ta.output_dir) and os.listdir(ta.output_dir) and not ft.overwrite_output_dir \

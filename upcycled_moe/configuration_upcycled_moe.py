@@ -42,6 +42,12 @@ class UpcycledMoeConfig(PreTrainedConfig):
         mlp_layer_types: "sparse" / "dense" per layer (dense layers keep a dense FFN of intermediate_size).
         num_shared_experts / shared_expert_intermediate_size: always-on FFN(s) beside the routed experts.
         upcycling: provenance written by the conversion tool (source, options, tool version).
+
+    Training:
+        loss_chunk_size: > 0 computes the training loss (model.training with labels) from the LM head in chunks of
+            this many tokens, gradients in the same pass, so the (tokens x vocab) logits never exist whole;
+            `logits` is then None in the output. 0 (default): the usual full logits. Eval / generation always
+            return logits.
     """
 
     model_type = "upcycled_moe"
@@ -94,6 +100,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int | None = None
     output_router_logits: bool = False
     upcycling: dict | None = None
+    loss_chunk_size: int = 0
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -134,6 +141,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
             problems.append(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise}")
         if self.num_shared_experts < 0:
             problems.append(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.loss_chunk_size < 0:
+            problems.append(f"loss_chunk_size must be >= 0 (0 = full logits), got {self.loss_chunk_size}")
         for name, allowed in (("mlp_layer_types", MLP_LAYER_TYPES), ("layer_types", ATTENTION_LAYER_TYPES)):
             pattern = getattr(self, name)
             if len(pattern) != self.num_hidden_layers:

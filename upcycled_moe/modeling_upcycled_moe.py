@@ -547,61 +547,65 @@ def _token_mask(attention_mask, num_tokens, device):
     return attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
 
 
+def _stack_router_logits(router_logits) -> torch.Tensor:
+    """(layers, T, E) float32 on the first layer's device: every router statistic is then one batched pass over all
+    sparse layers instead of a dozen small kernels per layer (launch overhead dominates these tiny tensors)."""
+    if isinstance(router_logits, torch.Tensor):
+        logits = router_logits if router_logits.dim() == 3 else router_logits.unsqueeze(0)
+        return logits.float()
+    device = router_logits[0].device
+    return torch.stack([logits.to(device=device, dtype=torch.float32) for logits in router_logits])
+
+
 def load_balancing_loss(router_logits, config: UpcycledMoeConfig, attention_mask=None) -> torch.Tensor:
     """Switch loss E * sum_e f_e * P_e per sparse layer (f_e: share of token-slots, P_e: mean probability),
     averaged over layers; 1.0 when perfectly balanced."""
-    num_experts, k = config.num_experts, config.num_experts_per_tok
-    losses = []
-    for logits in router_logits:
-        logits = logits.float()
-        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
-        probs, _, top_k_index = route(logits, config)
-        slots = torch.zeros(num_experts, device=logits.device).scatter_add_(
-            0, top_k_index.reshape(-1), mask.repeat_interleave(k)
-        )
-        n = mask.sum().clamp(min=1.0)
-        f = slots / (n * k)
-        p = (probs * mask[:, None]).sum(0) / n
-        losses.append(num_experts * (f * p).sum())
-    return torch.stack(losses).mean()
+    logits = _stack_router_logits(router_logits)
+    num_layers, num_tokens, num_experts = logits.shape
+    k = config.num_experts_per_tok
+    mask = _token_mask(attention_mask, num_tokens, logits.device)
+    n = mask.sum().clamp(min=1.0)
+    probs, _, top_k_index = route(logits, config)
+    slots = torch.zeros(num_layers, num_experts, device=logits.device).scatter_add_(
+        1, top_k_index.reshape(num_layers, -1), mask.repeat_interleave(k).expand(num_layers, -1)
+    )
+    f = slots / (n * k)
+    p = torch.einsum("lte,t->le", probs, mask) / n
+    return (num_experts * (f * p).sum(-1)).mean()
 
 
 def router_z_loss(router_logits, attention_mask=None) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2, averaged over sparse layers."""
-    losses = []
-    for logits in router_logits:
-        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
-        z = torch.logsumexp(logits.float(), dim=-1).pow(2)
-        losses.append((z * mask).sum() / mask.sum().clamp(min=1.0))
-    return torch.stack(losses).mean()
+    logits = _stack_router_logits(router_logits)
+    mask = _token_mask(attention_mask, logits.shape[1], logits.device)
+    z = torch.logsumexp(logits, dim=-1).pow(2)  # (layers, T)
+    return ((z @ mask) / mask.sum().clamp(min=1.0)).mean()
 
 
 @torch.no_grad()
 def routing_statistics(router_logits, config: UpcycledMoeConfig, attention_mask=None) -> dict[str, torch.Tensor]:
     """Per sparse layer: expert load (share of token-slots), max/mean imbalance, router entropy, dropped share."""
-    loads, entropies, dropped = [], [], []
-    for logits in router_logits:
-        logits = logits.float()
-        mask = _token_mask(attention_mask, logits.shape[0], logits.device)
-        probs, _, top_k_index = route(logits, config)
-        keep = torch.ones_like(top_k_index, dtype=torch.bool)
-        capacity = config.expert_capacity(logits.shape[0])
-        if capacity is not None:
-            keep = capacity_keep_mask(top_k_index, config.num_experts, capacity)
-        slot_mask = mask[:, None].expand_as(top_k_index)
-        counts = torch.zeros(config.num_experts, device=logits.device).scatter_add_(
-            0, top_k_index.reshape(-1), slot_mask.reshape(-1)
-        )
-        loads.append(counts / counts.sum().clamp(min=1.0))
-        entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-        entropies.append((entropy * mask).sum() / mask.sum().clamp(min=1.0))
-        dropped.append(((~keep).float() * slot_mask).sum() / slot_mask.sum().clamp(min=1.0))
-    load = torch.stack(loads)
+    logits = _stack_router_logits(router_logits)
+    num_layers, num_tokens, num_experts = logits.shape
+    mask = _token_mask(attention_mask, num_tokens, logits.device)
+    probs, _, top_k_index = route(logits, config)
+    keep = torch.ones_like(top_k_index, dtype=torch.bool)
+    capacity = config.expert_capacity(num_tokens)
+    if capacity is not None:
+        keep = torch.stack([capacity_keep_mask(index, num_experts, capacity) for index in top_k_index])
+    slot_mask = mask[None, :, None].expand_as(top_k_index)
+    counts = torch.zeros(num_layers, num_experts, device=logits.device).scatter_add_(
+        1, top_k_index.reshape(num_layers, -1), slot_mask.reshape(num_layers, -1)
+    )
+    load = counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
+    n = mask.sum().clamp(min=1.0)
+    entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1)  # (layers, T)
+    slots = slot_mask.sum((1, 2)).clamp(min=1.0)
     return {
         "expert_load": load,  # (layers, experts)
         "imbalance": load.max(-1).values / load.mean(-1),  # max/mean per layer; 1.0 = balanced
-        "router_entropy": torch.stack(entropies),
-        "dropped_fraction": torch.stack(dropped),
+        "router_entropy": (entropy @ mask) / n,
+        "dropped_fraction": ((~keep).float() * slot_mask).sum((1, 2)) / slots,
     }
 
 
@@ -614,6 +618,53 @@ class UpcycledMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 def _label_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != -100).sum()
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum of CE(h @ W^T, labels) over rows / divisor, with the logits built `chunk` rows at a time and the gradients
+    computed in the same pass: the (rows, vocab) logits never exist whole (memory) and are never recomputed (speed).
+    Labels equal to -100 are ignored. Matmuls follow autocast; softmax and the reductions are float32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk):
+        d_hidden = torch.empty_like(hidden)
+        d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
+            raw = F.linear(h, weight)
+            logits = raw.float()
+            valid = y != -100
+            target = y.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = softmax - one_hot
+            grad[torch.arange(h.shape[0], device=h.device), target] -= 1.0
+            grad = (grad * (valid.float() / divisor)[:, None]).to(raw.dtype)
+            del raw, logits
+            d_hidden[start : start + chunk] = grad @ weight.to(grad.dtype)
+            d_weight += grad.t() @ h.to(grad.dtype)
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (d_hidden * grad_output.to(d_hidden.dtype), (d_weight * grad_output).to(ctx.weight_dtype), None, None,
+                None)
+
+
+def chunked_causal_lm_loss(hidden_states, lm_head_weight, labels, chunk_size, num_items_in_batch=None):
+    """transformers' causal-LM loss (shift by one, -100 ignored, sum / num_items_in_batch or mean over labels) from
+    the final hidden states, without materialising the logits."""
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if num_items_in_batch is None:
+        divisor = (labels != -100).sum().clamp(min=1).float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+    return ChunkedLinearCrossEntropy.apply(hidden, lm_head_weight, labels, divisor, int(chunk_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -640,6 +691,21 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             raise ImportError("from_dense needs the upcycled-moe package: pip install upcycled-moe") from err
         return upcycle_in_memory(source_or_model, model_class=cls, **options)
 
+    def _chunked_loss_applies(self, logits_to_keep, kwargs) -> bool:
+        """The chunked loss needs a plain bias-free LM head whose weight is all here (not a PEFT wrapper, not a
+        DeepSpeed ZeRO-3 partition), full-sequence logits and transformers' default label handling."""
+        head = self.lm_head
+        return bool(
+            self.training
+            and self.config.loss_chunk_size > 0
+            and type(head) is nn.Linear
+            and head.bias is None
+            and getattr(head.weight, "ds_id", None) is None
+            and logits_to_keep in (0, None)
+            and kwargs.get("shift_labels") is None
+            and kwargs.get("ignore_index", -100) == -100
+        )
+
     def forward(
         self,
         input_ids=None,
@@ -656,7 +722,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         r"""Returns the LM loss plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` whenever
         `labels` are given (balancing is never silently off). Under Trainer (`num_items_in_batch`) the router terms
         are weighted by this micro-batch's share of label tokens, so their effective weight does not change with
-        gradient accumulation or the number of ranks."""
+        gradient accumulation or the number of ranks. With `config.loss_chunk_size > 0`, training with labels skips
+        the full logits (`logits` is None) and computes the same loss chunk by chunk."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         has_sparse = "sparse" in self.config.mlp_layer_types
@@ -672,16 +739,27 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        chunked = labels is not None and self._chunked_loss_applies(logits_to_keep, kwargs)
+        logits = None
+        if not chunked:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = aux_loss = z_loss = None
         router_logits = outputs.router_logits if need_router else None
         if router_logits:
-            aux_loss = load_balancing_loss(router_logits, self.config, attention_mask)
-            z_loss = router_z_loss(router_logits, attention_mask)
-        if labels is not None:
+            stacked = _stack_router_logits(router_logits)  # one batched pass over all sparse layers
+            grad = torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad and self.config.router_aux_loss_coef > 0):  # a 0-weighted term
+                aux_loss = load_balancing_loss(stacked, self.config, attention_mask)  # is reported, not trained
+            with torch.set_grad_enabled(grad and self.config.router_z_loss_coef > 0):
+                z_loss = router_z_loss(stacked, attention_mask)
+        if chunked:
+            loss = chunked_causal_lm_loss(hidden_states, self.lm_head.weight, labels, self.config.loss_chunk_size,
+                                          kwargs.get("num_items_in_batch"))
+        elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        if labels is not None:
             if aux_loss is not None:
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
                 num_items = kwargs.get("num_items_in_batch")
@@ -709,9 +787,11 @@ UpcycledMoeModel.register_for_auto_class("AutoModel")
 UpcycledMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "ChunkedLinearCrossEntropy",
     "UpcycledMoeForCausalLM",
     "UpcycledMoeModel",
     "UpcycledMoePreTrainedModel",
+    "chunked_causal_lm_loss",
     "load_balancing_loss",
     "routing_statistics",
     "router_z_loss",

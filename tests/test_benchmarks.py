@@ -1,0 +1,84 @@
+"""The benchmark scripts run end to end on a CPU (their numbers there mean nothing: this checks the code that the GPU
+sessions rely on, so device time is not spent finding a broken script)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_STEP = ROOT / "benchmarks" / "train_step.py"
+TINY = ["--device", "cpu", "--models", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile"]
+
+
+def run_script(*args):
+    proc = subprocess.run([sys.executable, str(TRAIN_STEP), *args], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_benchmark_runs_dense_and_moe_with_the_models_flop_count(tmp_path):
+    out = tmp_path / "train.json"
+    run_script(*TINY, "--accum", "2", "--ce-chunk", "16", "--moe-impls", "upcycled_fused,eager", "--json", str(out))
+    result = json.loads(out.read_text())
+    rows = {(r["moe"], r["impl"]): r for r in result["results"]}
+    assert set(rows) == {(False, "dense"), (True, "upcycled_fused"), (True, "eager")}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["accum"] == 2
+        assert math.isfinite(r["loss"]) and 5.0 < r["loss"] < 8.0  # ~ln(512) for an untrained model
+        assert r["tokens_per_s"] == pytest.approx(2 * 32 * 2 / (r["step_ms"] / 1e3))
+
+    # the FLOP count is the model's own definition (num_active_parameters) plus causal attention
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for (moe, impl), r in rows.items():
+        model, cfg = train_step.build("tiny", moe, impl, torch.float32, "sdpa", 8, 2, torch.device("cpu"))
+        attention = 6 * cfg.num_hidden_layers * 32 * cfg.num_attention_heads * cfg.head_dim
+        assert r["flops_per_token"] == 6 * model.num_active_parameters() + attention
+    # same active shape: the dense twin and the MoE multiply (nearly) the same parameters per token
+    dense, moe = rows[(False, "dense")], rows[(True, "upcycled_fused")]
+    assert abs(moe["active_matmul_params"] - dense["active_matmul_params"]) / dense["active_matmul_params"] < 0.05
+    assert moe["params"] > 2 * dense["params"]  # 8 experts: far more parameters in total
+
+
+def test_train_step_profile_mode_lists_operators():
+    stdout = run_script(*TINY, "--profile", "--profile-steps", "1", "--no-dense")
+    assert "[profile] tiny MoE upcycled_fused" in stdout
+    assert "aten::" in stdout
+
+
+def test_lm_loss_benchmark_chunked_and_full_losses_agree():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import lm_loss
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    common = dict(device="cpu", dtype="float32", hidden=32, vocab=300, batch=2, seq=50, reps=1, threads=1)
+    full = lm_loss.measure(chunk=0, **common)
+    chunked = lm_loss.measure(chunk=16, **common)
+    assert full["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
+    assert full["ms"] > 0 and chunked["ms"] > 0
+
+
+def test_router_terms_benchmark_batched_form_agrees_and_dispatches_fewer_operators(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import router_terms
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert router_terms.main(["--layers", "6", "--tokens", "64", "--reps", "1"]) == 0  # asserts the values agree
+    counts = {}
+    for line in capsys.readouterr().out.splitlines():
+        name, rest = line.split("aten operators fwd+bwd")
+        counts[name.strip()] = int(rest.split()[0])
+    per_layer, batched = counts["one pass per layer"], counts["batched (the model's)"]
+    assert batched * 4 < per_layer
