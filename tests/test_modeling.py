@@ -426,6 +426,9 @@ def test_chunked_loss_is_skipped_where_it_cannot_apply():
 
     model = small_model(loss_chunk_size=4).train()
     ids = torch.randint(0, 128, (2, 8))
+    with torch.autocast("cpu", dtype=torch.float16):  # float16: unscaled gradients would underflow -> full path
+        assert model(ids, labels=ids).logits is not None
+    assert model(ids, labels=ids).logits is None  # the chunked path otherwise
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
     out = peft_model(input_ids=ids, labels=ids)  # a LoRA-wrapped head: the wrapper must run, so full logits
     assert out.logits is not None and torch.isfinite(out.loss)

@@ -47,7 +47,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
         loss_chunk_size: > 0 computes the training loss (model.training with labels) from the LM head in chunks of
             this many tokens, gradients in the same pass, so the (tokens x vocab) logits never exist whole;
             `logits` is then None in the output. 0 (default): the usual full logits. Eval / generation always
-            return logits.
+            return logits; float16 training (loss scaling) and PEFT-wrapped heads use the full logits.
     """
 
     model_type = "upcycled_moe"

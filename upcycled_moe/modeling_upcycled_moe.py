@@ -693,11 +693,17 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
 
     def _chunked_loss_applies(self, logits_to_keep, kwargs) -> bool:
         """The chunked loss needs a plain bias-free LM head whose weight is all here (not a PEFT wrapper, not a
-        DeepSpeed ZeRO-3 partition), full-sequence logits and transformers' default label handling."""
+        DeepSpeed ZeRO-3 partition), full-sequence logits and transformers' default label handling. Not in float16:
+        its gradients are computed before the loss scaler could scale them, and would underflow."""
         head = self.lm_head
+        device_type = head.weight.device.type
+        fp16 = head.weight.dtype == torch.float16 or (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+        )
         return bool(
             self.training
             and self.config.loss_chunk_size > 0
+            and not fp16
             and type(head) is nn.Linear
             and head.bias is None
             and getattr(head.weight, "ds_id", None) is None
