@@ -436,3 +436,36 @@ def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_d
 
 def test_dgs_needs_multi_process_ddp(tmp_path, capsys, tiny_dir, corpus):
     _fails(capsys, base_args(tiny_dir, corpus, tmp_path / "o", dgs_density=0.01), "dgs_density needs multi-process DDP")
+
+
+def test_regional_torch_compile_trains_like_eager(tmp_path, tiny_dir, corpus):
+    """Each decoder layer compiled (aot_eager: the graphs are captured and run without generating code, so no C++
+    compiler is needed) gives the eager run's losses; the saved model has the usual parameter names."""
+    common = dict(max_steps=3, save_steps=0, trace_data=False, seed=7)
+    eager_out, compiled_out = tmp_path / "eager", tmp_path / "compiled"
+    run(build_config(PretrainConfig, base_args(tiny_dir, corpus, eager_out, **common)))
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run(build_config(PretrainConfig, base_args(tiny_dir, corpus, compiled_out, torch_compile=True,
+                                               torch_compile_backend="aot_eager", **common)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really were compiled
+    eager, compiled = train_records(eager_out), train_records(compiled_out)
+    assert sorted(compiled) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-4, abs=1e-5)
+    from safetensors import safe_open
+
+    with safe_open(str(compiled_out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.gate.weight" in keys and not [k for k in keys if "_orig_mod" in k]
+    assert json.loads((compiled_out / "config.json").read_text())["loss_chunk_size"] == 4096
+
+
+def test_torch_compile_options_are_checked_up_front(tmp_path, capsys, tiny_dir, corpus):
+    good = base_args(tiny_dir, corpus, tmp_path / "out")
+    _fails(capsys, good + ["--torch_compile=true", "--torch_compile_backend=nope"], "torch_compile_backend must be one of")
+    _fails(capsys, good + ["--torch_compile=true", "--torch_compile_mode=fast"], "torch_compile_mode must be one of")
+    _fails(capsys, good + ["--loss_chunk_size=-1"], "loss_chunk_size must be >= 0")
+    assert not (tmp_path / "out").exists()

@@ -235,6 +235,9 @@ class PretrainConfig:
     experts_implementation: str | None = opt(None, "transformers experts kernel: eager, grouped_mm, ... (None: the model's default)")
     attn_implementation: str | None = opt(None, "sdpa, eager, flash_attention_2, ... (None: transformers' default)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
+    torch_compile: bool = opt(False, "compile each decoder layer with torch.compile (regional: quick to compile; the fused experts call runs eagerly). Recommended on GPUs")
+    torch_compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check graphs without code generation)")
+    torch_compile_mode: str | None = opt(None, "torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     loss_chunk_size: int = opt(4096, "LM loss from the head in chunks of this many tokens, gradients in the same pass: the (tokens x vocab) logits never exist whole (0 = full logits)")
     # --- data
     train_files: list[str] = opt([], "local .txt/.md, .json/.jsonl, .parquet or .csv files (globs allowed)")
@@ -337,6 +340,15 @@ class PretrainConfig:
             problems.append("dgs_momentum must be in [0, 1) and dgs_weight_decay >= 0")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             problems.append("peak_tflops must be > 0")
+        if self.torch_compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.torch_compile_backend not in backends:
+                problems.append(f"torch_compile_backend must be one of {sorted(backends)}, got {self.torch_compile_backend!r}")
+            modes = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+            if self.torch_compile_mode not in modes:
+                problems.append(f"torch_compile_mode must be one of {modes[1:]} (or unset), got {self.torch_compile_mode!r}")
         if self.upcycling is not None and not isinstance(self.upcycling, dict):
             problems.append("upcycling must be a mapping of from_dense options")
         if problems:

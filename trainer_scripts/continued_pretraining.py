@@ -160,6 +160,9 @@ def load_model(cfg: PretrainConfig, is_moe: bool):
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.torch_compile:  # regional: each decoder layer compiled in place (parameter names and checkpoints unchanged)
+        for layer in model.model.layers:
+            layer.compile(backend=cfg.torch_compile_backend, mode=cfg.torch_compile_mode)
     return model
 
 
