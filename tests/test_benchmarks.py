@@ -82,3 +82,16 @@ def test_router_terms_benchmark_batched_form_agrees_and_dispatches_fewer_operato
         counts[name.strip()] = int(rest.split()[0])
     per_layer, batched = counts["one pass per layer"], counts["batched (the model's)"]
     assert batched * 4 < per_layer
+
+
+def test_host_overhead_benchmark_runs_and_reports_only_the_experts_graph_break(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import host_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert host_overhead.main(["--layers", "3", "--steps", "2", "--backend", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "3 layers on cpu: step eager" in out
+    breaks = [line for line in out.splitlines() if "graph break" in line]
+    assert breaks and all("disable" in line for line in breaks), breaks

@@ -432,3 +432,47 @@ def test_chunked_loss_is_skipped_where_it_cannot_apply():
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
     out = peft_model(input_ids=ids, labels=ids)  # a LoRA-wrapped head: the wrapper must run, so full logits
     assert out.logits is not None and torch.isfinite(out.loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router logits as return values (no output-capture hooks inside a compiled layer)
+# ----------------------------------------------------------------------------------------------------------------
+def test_router_logits_hidden_states_and_attentions_together():
+    model = small_model(mlp_layer_types=["sparse", "dense", "sparse"], num_hidden_layers=3,
+                        layer_types=None, attn_implementation="eager")
+    ids = torch.randint(0, 128, (2, 9))
+    out = model(ids, output_router_logits=True, output_hidden_states=True, output_attentions=True)
+    assert len(out.router_logits) == 2 and all(r.shape == (18, 8) for r in out.router_logits)
+    assert len(out.hidden_states) == 4 and all(h.shape == (2, 9, 64) for h in out.hidden_states)
+    assert len(out.attentions) == 3 and out.attentions[0].shape == (2, 4, 9, 9)
+    # the same hidden states and logits whether or not router logits are asked for
+    plain = model(ids, output_hidden_states=True)
+    assert plain.router_logits is None
+    for a, b in zip(plain.hidden_states, out.hidden_states):
+        torch.testing.assert_close(a, b)
+    # the returned logits are the router's own
+    block = model.model.layers[2].mlp
+    h = torch.randn(2, 9, 64)
+    logits_direct = block.gate(h.view(-1, 64))[0]
+    _, logits_block = block(h, return_router_logits=True)
+    torch.testing.assert_close(logits_block, logits_direct)
+
+
+def test_compiled_layers_break_only_at_the_fused_experts_call():
+    import torch._dynamo
+
+    model = small_model().train()
+    ids = torch.randint(0, 128, (2, 8))
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        out = model(ids, labels=ids)  # labels: router logits are collected for the aux loss
+        out.loss.backward()
+        reasons = list(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert out.aux_loss is not None and torch.isfinite(out.loss)
+    assert reasons, "expected the fused experts call to break the graph"
+    assert all("torch.compiler.disable" in r or "disable" in r for r in reasons), reasons

@@ -343,14 +343,15 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
             width = config.num_shared_experts * config.shared_expert_intermediate_size
             self.shared_expert = UpcycledMoeMLP(config, width)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, return_router_logits: bool = False):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)
-        _, top_k_weights, top_k_index = self.gate(flat)
+        router_logits, top_k_weights, top_k_index = self.gate(flat)
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(flat)
-        return out.view(batch_size, sequence_length, hidden_dim)
+        out = out.view(batch_size, sequence_length, hidden_dim)
+        return (out, router_logits) if return_router_logits else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,8 +376,12 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         past_key_values=None,
         use_cache=False,
         position_embeddings=None,
+        output_router_logits=False,
         **kwargs,
     ):
+        """Returns the hidden states, or (hidden states, router logits or None) with `output_router_logits`. The
+        logits travel as a return value rather than through transformers' output-capture hooks, whose ContextVar
+        lookups break the graph of a torch.compile'd layer."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -390,8 +395,14 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_logits = None
+        if isinstance(self.mlp, UpcycledMoeSparseMoeBlock):
+            hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return (hidden_states, router_logits) if output_router_logits else hidden_states
 
 
 class UpcycledMoePreTrainedModel(PreTrainedModel):
@@ -406,9 +417,8 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = False  # data-dependent expert loop in the eager path
     _supports_attention_backend = True
-    _can_record_outputs = {
-        "router_logits": OutputRecorder(UpcycledMoeRouter, index=0),
-        "hidden_states": UpcycledMoeDecoderLayer,
+    _can_record_outputs = {  # router logits are returned by the decoder layers (see UpcycledMoeDecoderLayer)
+        "hidden_states": OutputRecorder(UpcycledMoeDecoderLayer, index=0),
         "attentions": UpcycledMoeAttention,
     }
 
@@ -497,6 +507,7 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        output_router_logits=None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
@@ -521,6 +532,9 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         if "sliding_attention" in self.config.layer_types:
             causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = [] if output_router_logits else None
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers):
@@ -531,10 +545,19 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
                 past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                output_router_logits=bool(output_router_logits),
                 **kwargs,
             )
+            if output_router_logits:
+                hidden_states, logits = hidden_states
+                if logits is not None:  # dense layers have no router
+                    router_logits.append(logits)
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            router_logits=tuple(router_logits) if router_logits is not None else None,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
