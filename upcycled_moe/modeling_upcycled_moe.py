@@ -663,7 +663,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
             grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = softmax - one_hot
             grad[torch.arange(h.shape[0], device=h.device), target] -= 1.0
-            grad = (grad * (valid.float() / divisor)[:, None]).to(raw.dtype)
+            grad = grad.mul_((valid.float() / divisor)[:, None]).to(raw.dtype)
             del raw, logits
             d_hidden[start : start + chunk] = grad @ weight.to(grad.dtype)
             d_weight += grad.t() @ h.to(grad.dtype)
