@@ -572,10 +572,10 @@ def _token_mask(attention_mask, num_tokens, device):
 
 def _stack_router_logits(router_logits) -> torch.Tensor:
     """(layers, T, E) float32 on the first layer's device: every router statistic is then one batched pass over all
-    sparse layers instead of a dozen small kernels per layer (launch overhead dominates these tiny tensors)."""
-    if isinstance(router_logits, torch.Tensor):
-        logits = router_logits if router_logits.dim() == 3 else router_logits.unsqueeze(0)
-        return logits.float()
+    sparse layers instead of a dozen small kernels per layer (launch overhead dominates these tiny tensors). Takes
+    the per-layer (T, E) logits, or their stack."""
+    if isinstance(router_logits, torch.Tensor):  # already stacked (the forward stacks once for both losses)
+        return router_logits.float()
     device = router_logits[0].device
     return torch.stack([logits.to(device=device, dtype=torch.float32) for logits in router_logits])
 
@@ -653,6 +653,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden)
         d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        weight_c = None  # the weight in the matmuls' dtype (autocast may differ from it), cast once
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
             raw = F.linear(h, weight)
@@ -665,7 +666,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad[torch.arange(h.shape[0], device=h.device), target] -= 1.0
             grad = grad.mul_((valid.float() / divisor)[:, None]).to(raw.dtype)
             del raw, logits
-            d_hidden[start : start + chunk] = grad @ weight.to(grad.dtype)
+            if weight_c is None:
+                weight_c = weight.to(grad.dtype)
+            d_hidden[start : start + chunk] = grad @ weight_c
             d_weight += grad.t() @ h.to(grad.dtype)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
