@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 def main(argv=None) -> int:
@@ -57,29 +58,14 @@ def measure(args) -> int:
         out.loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def median_ms():
-        for _ in range(5):
-            step()
-        times = []
-        for _ in range(args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return times[len(times) // 2]
-
-    eager = median_ms()
+    eager = median_ms(step, device, args.steps, warmup=5)
     for layer in model.model.layers:
         layer.compile(backend=args.backend)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     step()
     reasons = {k.splitlines()[0][:90]: v for k, v in torch._dynamo.utils.counters["graph_break"].items()}
-    compiled = median_ms()
+    compiled = median_ms(step, device, args.steps, warmup=5)
     print(f"{args.layers} layers on {args.device}: step eager {eager:.2f} ms, regional {args.backend} {compiled:.2f} ms "
           f"({compiled / args.layers:.3f} ms per layer)")
     for reason, count in reasons.items():

@@ -21,9 +21,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys, time
+import json, sys
 import torch
 import torch.nn.functional as F
+from timing import median_ms, sync
 from upcycled_moe.modeling_upcycled_moe import chunked_causal_lm_loss
 a = json.loads(sys.argv[1])
 dev, dtype = torch.device(a["device"]), getattr(torch, a["dtype"])
@@ -47,27 +48,21 @@ def step():
     loss.backward()
     h.grad = None; w.grad = None
     return loss
-def sync():
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-loss = step(); sync()
+loss = step(); sync(dev)
 if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
     base = rss("VmRSS")
-step(); sync()
+step(); sync(dev)
 peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else rss("VmHWM") - base
-times = []
-for _ in range(a["reps"]):
-    sync(); t0 = time.perf_counter(); step(); sync(); times.append((time.perf_counter() - t0) * 1e3)
-times.sort()
-print(json.dumps({"ms": times[len(times) // 2], "peak_mib": peak, "loss": loss.item()}))
+print(json.dumps({"ms": median_ms(step, dev, a["reps"]), "peak_mib": peak, "loss": loss.item()}))
 """
 
 
 def measure(**args) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    paths = (str(REPO), str(REPO / "benchmarks"), env.get("PYTHONPATH", ""))  # the package, timing.py
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"lm_loss child failed:\n{proc.stderr[-3000:]}")

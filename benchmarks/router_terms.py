@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 
 class CountOps(TorchDispatchMode):
@@ -55,10 +56,6 @@ def main(argv=None) -> int:
         z = torch.stack([router_z_loss([x]) for x in logits]).mean()
         return aux + z
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     results = {}
     for name, fn in (("one pass per layer", per_layer), ("batched (the model's)", batched)):
         def step():
@@ -72,16 +69,9 @@ def main(argv=None) -> int:
         with counter:
             step()
         copies = args.layers  # the clones that make fresh leaves, not part of either computation
-        times = []
-        for _ in range(args.reps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
+        ms = median_ms(step, device, args.reps)
         results[name] = value
-        print(f"{name:22s} aten operators fwd+bwd {counter.count - copies:5d}   median {times[len(times) // 2]:8.2f} ms   "
+        print(f"{name:22s} aten operators fwd+bwd {counter.count - copies:5d}   median {ms:8.2f} ms   "
               f"aux + z = {value:.6f}", flush=True)
     a, b = results.values()
     assert abs(a - b) <= 1e-5 * abs(a), "the two forms disagree"

@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from timing import Timer, sync  # noqa: E402  (benchmarks/timing.py)
+
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 
 MODELS = {
@@ -43,34 +45,6 @@ MODELS = {
     "tiny": dict(hidden_size=64, moe_width=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, batch=2),
 }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Timer:
-    """Milliseconds of the enclosed work: CUDA events on a GPU, the wall clock elsewhere."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.b.record()
-            torch.cuda.synchronize()
-            self.ms = self.a.elapsed_time(self.b)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1e3
 
 
 def build(name, moe, impl, dtype, attn, experts, top_k, device):

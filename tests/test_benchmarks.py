@@ -15,6 +15,14 @@ TRAIN_STEP = ROOT / "benchmarks" / "train_step.py"
 TINY = ["--device", "cpu", "--models", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--no-compile"]
 
 
+def import_benchmark(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def run_script(*args):
     proc = subprocess.run([sys.executable, str(TRAIN_STEP), *args], capture_output=True, text=True, timeout=600,
                           cwd=ROOT)
@@ -35,11 +43,7 @@ def test_train_step_benchmark_runs_dense_and_moe_with_the_models_flop_count(tmp_
         assert r["tokens_per_s"] == pytest.approx(2 * 32 * 2 / (r["step_ms"] / 1e3))
 
     # the FLOP count is the model's own definition (num_active_parameters) plus causal attention
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_step
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    train_step = import_benchmark("train_step")
     for (moe, impl), r in rows.items():
         model, cfg = train_step.build("tiny", moe, impl, torch.float32, "sdpa", 8, 2, torch.device("cpu"))
         attention = 6 * cfg.num_hidden_layers * 32 * cfg.num_attention_heads * cfg.head_dim
@@ -57,11 +61,7 @@ def test_train_step_profile_mode_lists_operators():
 
 
 def test_lm_loss_benchmark_chunked_and_full_losses_agree():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import lm_loss
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    lm_loss = import_benchmark("lm_loss")
     common = dict(device="cpu", dtype="float32", hidden=32, vocab=300, batch=2, seq=50, reps=1, threads=1)
     full = lm_loss.measure(chunk=0, **common)
     chunked = lm_loss.measure(chunk=16, **common)
@@ -70,11 +70,7 @@ def test_lm_loss_benchmark_chunked_and_full_losses_agree():
 
 
 def test_router_terms_benchmark_batched_form_agrees_and_dispatches_fewer_operators(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import router_terms
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    router_terms = import_benchmark("router_terms")
     assert router_terms.main(["--layers", "6", "--tokens", "64", "--reps", "1"]) == 0  # asserts the values agree
     counts = {}
     for line in capsys.readouterr().out.splitlines():
@@ -85,11 +81,7 @@ def test_router_terms_benchmark_batched_form_agrees_and_dispatches_fewer_operato
 
 
 def test_host_overhead_benchmark_runs_and_reports_only_the_experts_graph_break(capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import host_overhead
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    host_overhead = import_benchmark("host_overhead")
     assert host_overhead.main(["--layers", "3", "--steps", "2", "--backend", "eager"]) == 0
     out = capsys.readouterr().out
     assert "3 layers on cpu: step eager" in out
