@@ -448,9 +448,12 @@ def test_regional_torch_compile_trains_like_eager(tmp_path, tiny_dir, corpus):
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run(build_config(PretrainConfig, base_args(tiny_dir, corpus, compiled_out, torch_compile=True,
-                                               torch_compile_backend="aot_eager", **common)))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really were compiled
+    try:
+        run(build_config(PretrainConfig, base_args(tiny_dir, corpus, compiled_out, torch_compile=True,
+                                                   torch_compile_backend="aot_eager", **common)))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the layers really were compiled
+    finally:
+        torch._dynamo.reset()  # no compiled code left behind for later tests in this process
     eager, compiled = train_records(eager_out), train_records(compiled_out)
     assert sorted(compiled) == [1, 2, 3]
     for step in (1, 2, 3):
