@@ -51,7 +51,7 @@ class UpcycledMoeConfig(PreTrainedConfig):
     """
 
     model_type = "upcycled_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache, by its 5.24+ and older names
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

@@ -5,9 +5,10 @@ block, decoder layer, pre-trained model, model, losses, causal-LM head. Shipped 
 so it imports only torch and transformers (and its sibling files, relatively).
 """
 
+import inspect
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,20 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_upcycled_moe import UpcycledMoeConfig
+
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (argument, output field, mask helpers) and warns
+# on the old name; 5.17-5.23 know only the old one. A folder on the Hub keeps this file for years, so the model accepts
+# both names from its callers and speaks to transformers in the installed release's own vocabulary.
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(MoeModelOutputWithPast)} else "past_key_values"
+MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def one_cache(cache, past_key_values):
+    """The KV cache a caller passed under either name (`cache` from 5.24's generate, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values` (its pre-5.24 name), not both")
+    return cache if cache is not None else past_key_values
+
 
 try:  # optional fused experts path (Triton / grouped GEMM); the model works without it
     from .fused_moe import fused_experts_forward
@@ -172,7 +187,7 @@ class UpcycledMoeAttention(nn.Module):
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape)
@@ -184,8 +199,8 @@ class UpcycledMoeAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -373,10 +388,11 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         use_cache=False,
         position_embeddings=None,
         output_router_logits=False,
+        past_key_values=None,
         **kwargs,
     ):
         """Returns the hidden states, or (hidden states, router logits or None) with `output_router_logits`. The
@@ -388,7 +404,7 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=one_cache(cache, past_key_values),
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -411,7 +427,7 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["UpcycledMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -504,20 +520,23 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         output_router_logits=None,
+        past_key_values=None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """`cache` is the KV cache (transformers >= 5.24's name); `past_key_values`, its older name, is accepted too."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -525,7 +544,7 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
             "config": self.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            MASK_CACHE_NAME: cache,
             "position_ids": position_ids,
         }
         causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -542,10 +561,10 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
                 hidden_states,
                 attention_mask=causal_masks[self.config.layer_types[layer_idx]],
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 output_router_logits=bool(output_router_logits),
+                **{CACHE_NAME: cache},  # the name this release's gradient checkpointing clears
                 **kwargs,
             )
             if output_router_logits:
@@ -555,8 +574,8 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             router_logits=tuple(router_logits) if router_logits is not None else None,
+            **{CACHE_NAME: cache},
         )
 
 
@@ -743,19 +762,21 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         output_router_logits=None,
         logits_to_keep=0,
+        past_key_values=None,
         **kwargs,
     ) -> UpcycledMoeCausalLMOutputWithPast:
         r"""Returns the LM loss plus `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` whenever
         `labels` are given (balancing is never silently off). Under Trainer (`num_items_in_batch`) the router terms
         are weighted by this micro-batch's share of label tokens, so their effective weight does not change with
         gradient accumulation or the number of ranks. With `config.loss_chunk_size > 0`, training with labels skips
-        the full logits (`logits` is None) and computes the same loss chunk by chunk."""
+        the full logits (`logits` is None) and computes the same loss chunk by chunk. The KV cache is `cache`
+        (transformers >= 5.24) or `past_key_values` (its older name)."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         has_sparse = "sparse" in self.config.mlp_layer_types
@@ -764,7 +785,7 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=need_router,
@@ -806,11 +827,11 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=router_logits if output_router_logits else None,
             z_loss=z_loss,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 

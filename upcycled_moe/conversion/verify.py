@@ -89,17 +89,13 @@ def compare_logits(dense, moe, batches) -> dict:
 
 
 @torch.no_grad()
-def greedy(model, prompt_ids: torch.Tensor, tokens: int) -> list[int]:
-    """Exactly `tokens` greedy tokens with the KV cache (EOS does not stop it: the two models are compared token
-    for token; generate()'s min_new_tokens processors cost more than the models here)."""
-    out = model(input_ids=prompt_ids, use_cache=True)
-    past, generated = out.past_key_values, []
-    for _ in range(tokens):
-        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_id.item())
-        out = model(input_ids=next_id, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-    return generated
+def greedy(model, prompt_ids: torch.Tensor, tokens: int, use_cache: bool = True) -> list[int]:
+    """Exactly `tokens` greedy tokens through `generate()`, the path users take (its KV-cache handling included);
+    EOS does not stop it, so the two models are compared token for token."""
+    out = model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                         max_new_tokens=tokens, min_new_tokens=tokens, use_cache=use_cache,
+                         pad_token_id=model.generation_config.pad_token_id or 0)
+    return out[0, prompt_ids.shape[1]:].tolist()
 
 
 def verify(dense, moe, *, text: str | None = None, text_path: str | None = None, max_tokens: int = 1024,
@@ -124,8 +120,10 @@ def verify(dense, moe, *, text: str | None = None, text_path: str | None = None,
     prompt_ids = _prompt_ids(tokenizer, ids, prompt)
     gen_d = greedy(dense_model, prompt_ids, generate_tokens)
     gen_m = greedy(moe_model, prompt_ids, generate_tokens)
+    gen_m_uncached = greedy(moe_model, prompt_ids, generate_tokens, use_cache=False)
     results.update(
         greedy_match=gen_d == gen_m,
+        cache_consistent=gen_m == gen_m_uncached,  # a dropped or misused KV cache shows here first
         generated_tokens=generate_tokens,
         prompt=tokenizer.decode(prompt_ids[0], skip_special_tokens=False),
         dense_generation=tokenizer.decode(gen_d, skip_special_tokens=True),
@@ -144,6 +142,7 @@ def format_report(r: dict) -> str:
             f"perplexity dense         {r['ppl_dense']:.4f}",
             f"perplexity moe           {r['ppl_moe']:.4f}  ({100 * (r['ppl_ratio'] - 1):+.2f} %)",
             f"greedy {r['generated_tokens']} tokens agree   {r['greedy_match']}",
+            f"moe cached == uncached   {r['cache_consistent']}",
             f"moe generation           {r['moe_generation']!r}",
         ]
     )
