@@ -190,6 +190,51 @@ def test_mm_loop_equals_grouped_mm(monkeypatch):
         assert rel_err(a, b) < 1e-6
 
 
+def reference_by_hand_cast(x, idx, w, w1, w2, dtype):
+    """nn.Linear under autocast, written out: each GEMM's operands cast to `dtype`, its result in `dtype`; the
+    activation in float32; the routing-weighted sum in float32."""
+    inter = w2.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for e in range(w1.shape[0]):
+        tok, j = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        pre = (x[tok].to(dtype) @ w1[e].to(dtype).t()).float()
+        h = (torch.nn.functional.silu(pre[:, :inter]) * pre[:, inter:]).to(dtype)
+        y = h @ w2[e].to(dtype).t()
+        out = out.index_add(0, tok, y.float() * w[tok, j].float().unsqueeze(-1))
+    return out
+
+
+def test_autocast_runs_grouped_gemms_in_the_autocast_dtype():
+    """fp32 weights under bf16 autocast (how the training scripts train): the GEMMs follow autocast like nn.Linear,
+    so on CUDA they take the bf16 grouped kernels, not the fp32 per-expert fallback; gradients reach the fp32
+    weights in fp32."""
+    x, idx, w, w1, w2 = make_case(64, 32, 48, 8, 2, skew="zipf", seed=59)
+    fm.GEMM_CALLS.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fm.fused_moe(x, idx, w, w1, w2)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad(out, (x, w, w1, w2), g)
+    assert dict(fm.GEMM_CALLS) == {("grouped_mm", torch.bfloat16): 6}  # 2 forward, 4 backward
+    assert out.dtype == torch.float32  # the experts interface returns hidden_states' dtype
+    assert [t.dtype for t in grads] == [torch.float32] * 4
+    leaves = [a.detach().clone().requires_grad_(True) for a in (x, w, w1, w2)]
+    ref = reference_by_hand_cast(*leaves[:1], idx, *leaves[1:], torch.bfloat16)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    assert rel_err(out, ref) < 1e-2
+    for name, a, b in zip(("d_hidden", "d_weights", "d_w1", "d_w2"), grads, ref_grads):
+        assert rel_err(a, b) < 2e-2, name
+
+
+def test_without_autocast_the_gemms_keep_the_weights_dtype():
+    x, idx, w, w1, w2 = make_case(32, 16, 24, 4, 2, seed=61)
+    fm.GEMM_CALLS.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        fm.fused_moe(x, idx, w, w1, w2)
+    assert dict(fm.GEMM_CALLS) == {("grouped_mm", torch.float32): 2}
+
+
 def test_route_metadata():
     idx = torch.tensor([[2, 0], [0, 3], [2, 4], [1, 0]])  # 4 = sentinel with E = 4
     perm, tok, pos, offs = fm._route(idx, 4)

@@ -25,11 +25,17 @@ Saved for backward: only gate_up (S, 2I) plus int index vectors (h, y, x_g, weig
 Slots whose expert index is >= num_experts (sentinels) are skipped (output 0, routing-weight gradient 0).
 Dropped slots that keep a real expert index and weight 0 are computed and contribute 0 (exact autograd semantics).
 
+Mixed precision follows autocast as nn.Linear does: inside an autocast region the GEMMs run in the autocast dtype
+(x, W1, W2 cast by differentiable copies, so gradients reach fp32 weights in fp32); the output keeps hidden_states'
+dtype, as transformers' experts implementations return it.
+
 Backends: Triton kernels on CUDA (when triton imports), the same math in plain torch elsewhere (CPU, no
 triton, unknown activations). GEMMs: torch.nn.functional.grouped_mm / torch._grouped_mm where the dtype,
 device and 16-byte alignment allow it, else a per-expert torch.mm loop (one host sync), so odd shapes never
 crash.
 """
+
+import collections
 
 import torch
 
@@ -49,6 +55,14 @@ __all__ = ["fused_experts_forward", "fused_moe", "HAS_TRITON"]
 FORCE_TRITON = False
 # Set to False to force the plain-torch elementwise path even on CUDA (debugging / A-B timing).
 USE_TRITON = True
+
+# Which GEMM path ran, in which dtype: (path, dtype) -> calls, path "grouped_mm" or "mm_loop" (the per-expert
+# fallback, one host sync). Read by tests and benchmarks: a mock-free check that mixed precision takes the grouped
+# kernels. With COUNT_ROWS set, GEMM_ROWS also records the rows each GEMM multiplies (offs[-1]: reading it back is a
+# host sync on CUDA, hence off by default).
+GEMM_CALLS = collections.Counter()
+COUNT_ROWS = False
+GEMM_ROWS = []
 
 _ACT_CODES = {"silu": 0, "relu2": 1, "relu": 2, "gelu_tanh": 3}
 
@@ -332,10 +346,18 @@ def _gmm_dtype_ok(device, dtype):
     return _GMM_DTYPE_OK[key]
 
 
+def _record(path, dtype, offs):
+    GEMM_CALLS[path, dtype] += 1
+    if COUNT_ROWS:
+        GEMM_ROWS.append(int(offs[-1]) if offs.numel() else 0)
+
+
 def _gmm(a, b, offs):
     """a (S, K) rows sorted by group, b (E, K, N) -> (S, N); rows past offs[-1] are unspecified."""
     if _GMM is not None and _gmm_dtype_ok(a.device, a.dtype) and _aligned(a) and _aligned(b):
+        _record("grouped_mm", a.dtype, offs)
         return _GMM(a, b, offs=offs)
+    _record("mm_loop", a.dtype, offs)
     out = a.new_zeros(a.shape[0], b.shape[2])
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -348,7 +370,9 @@ def _gmm(a, b, offs):
 def _gmm_wgrad(a_t, b, offs):
     """a_t (M, S) (a transposed view), b (S, N), groups along S -> (E, M, N); empty groups give zeros."""
     if _GMM is not None and _gmm_dtype_ok(b.device, b.dtype) and _aligned(a_t) and _aligned(b):
+        _record("grouped_mm", b.dtype, offs)
         return _GMM(a_t, b, offs=offs)
+    _record("mm_loop", b.dtype, offs)
     out = b.new_zeros(offs.numel(), a_t.shape[0], b.shape[1])
     start = 0
     for e, end in enumerate(offs.tolist()):
@@ -383,7 +407,7 @@ def _route(top_k_index, num_experts):
 # --------------------------------------------------------------------------------------------------------------
 class _FusedExpertsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, k):
+    def forward(ctx, x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, k, out_dtype):
         # w1_t: (E, H, N1) view of the first projection, w2_t: (E, I, H) view of the second (the grouped_mm B).
         w1_t = w1 if transposed else w1.transpose(-2, -1)
         w2_t = w2 if transposed else w2.transpose(-2, -1)
@@ -397,7 +421,7 @@ class _FusedExpertsFn(torch.autograd.Function):
         w_flat = weights.reshape(-1)
         if not w_flat.is_contiguous():
             w_flat = w_flat.contiguous()
-        out = _unpermute(y, pos, w_flat, offs, x.shape[0], k, x.dtype, triton_ok)
+        out = _unpermute(y, pos, w_flat, offs, x.shape[0], k, out_dtype, triton_ok)  # fp32 sum, one rounding
         w_sorted = w_flat.index_select(0, perm).float()
         ctx.save_for_backward(x, weights, w1, w2, perm, tok, pos, offs, w_sorted)
         ctx.gu = gu  # an intermediate, held only here: backward overwrites it with its gradient (memory)
@@ -443,7 +467,7 @@ class _FusedExpertsFn(torch.autograd.Function):
         dweights = None
         if need_w:
             dweights = dw_slots.view(weights.shape).to(weights.dtype)
-        return dx, dweights, dw1, dw2, None, None, None, None, None, None, None, None, None, None, None
+        return dx, dweights, dw1, dw2, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _compiler_disable(fn):
@@ -457,18 +481,29 @@ def fused_moe(hidden_states, top_k_index, top_k_weights, w1, w2, gated=True, act
 
     transposed=True means w1 (E, H, N1) and w2 (E, I, H). act: "silu" | "relu2" | "relu" | "gelu_tanh" or None
     with act_fn a callable (generic torch path)."""
-    x = hidden_states
-    if x.dtype != w1.dtype:  # autocast / mixed inputs: compute in the weights' dtype (like transformers)
-        x = x.to(w1.dtype)
-    if x.shape[0] == 0:
+    if hidden_states.shape[0] == 0:
         return hidden_states.new_zeros(hidden_states.shape)
+    dtype = _compute_dtype(hidden_states, w1)
+    x, w1, w2 = hidden_states.to(dtype), w1.to(dtype), w2.to(dtype)  # differentiable casts: fp32 master grads
     if not x.is_contiguous():
         x = x.contiguous()
     n_out1 = w1.shape[-1] if transposed else w1.shape[-2]
     n_inter = n_out1 // 2 if gated else n_out1
     core = _fused_core_opaque if _is_compiling() else _fused_core
-    out = core(x, top_k_index, top_k_weights, w1, w2, bool(transposed), gated, n_inter, act, act_fn)
-    return out.to(hidden_states.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the operands are cast already; grouped_mm ignores autocast
+        out = core(x, top_k_index, top_k_weights, w1, w2, bool(transposed), gated, n_inter, act, act_fn,
+                   hidden_states.dtype)
+    return out
+
+
+def _compute_dtype(hidden_states, weight):
+    """The GEMMs' dtype as nn.Linear would pick it: the autocast dtype inside an autocast region (fp32 weights
+    trained under bf16 autocast then take the bf16 grouped kernels, not CUDA's fp32 per-expert fallback), else the
+    weights' dtype."""
+    device_type = hidden_states.device.type
+    if weight.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
 def _is_compiling():
@@ -476,11 +511,11 @@ def _is_compiling():
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
-def _fused_core(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn):
+def _fused_core(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn, out_dtype):
     with torch.no_grad():
         perm, tok, pos, offs = _route(top_k_index, w1.shape[0])
     return _FusedExpertsFn.apply(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act,
-                                 act_fn, top_k_index.shape[-1])
+                                 act_fn, top_k_index.shape[-1], out_dtype)
 
 
 # opaque to torch.compile (a graph break): the surrounding model still compiles; eager calls skip the wrapper
