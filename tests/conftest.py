@@ -41,18 +41,11 @@ def smollm2_dir() -> Path:
     out = CACHE / "smollm2-135m-instruct-dense"
     if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from upcycled_moe.conversion.sources import save_dequantised_gguf
 
     gguf = smollm2_gguf_path()
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
-    model.load_state_dict(loaded.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_dequantised_gguf(gguf.parent, gguf.name, tmp)
     if out.exists():
         import shutil
 

@@ -290,8 +290,66 @@ def test_defaults_match_the_issue():
 
 
 def test_routing_weights_follow_the_model():
-    logits = torch.randn(32, 8)
-    w, i = routing_weights(logits, "topk_softmax", 2)
-    assert torch.allclose(w.sum(-1), torch.ones(32))
-    w, _ = routing_weights(logits, "softmax_topk", 2)
-    assert (w.sum(-1) < 1).all()
+    """The conversion's routing weights are the model's own, for every router and norm_topk_prob."""
+    from upcycled_moe import UpcycledMoeConfig
+    from upcycled_moe.modeling_upcycled_moe import route
+
+    logits = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    logits[:, 4:] = logits[:, :4]  # tied pairs: the tie-breaking rule matters too
+    for router in ("topk_softmax", "softmax_topk", "sigmoid_topk"):
+        for norm in (False, True):
+            config = UpcycledMoeConfig(num_experts=8, num_experts_per_tok=2, router_type=router, norm_topk_prob=norm)
+            _, model_w, model_i = route(logits, config)
+            w, i = routing_weights(logits, router, 2, norm_topk_prob=norm)
+            assert torch.equal(i, model_i) and torch.equal(w, model_w), (router, norm)
+            if router == "topk_softmax" or norm:
+                assert torch.allclose(w.sum(-1), torch.ones(32))
+            else:
+                assert not torch.allclose(w.sum(-1), torch.ones(32))
+
+
+# ---------------------------------------------------------------------------------------------------- norm_topk_prob
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid_topk"])
+def test_norm_topk_prob_conversion_is_function_preserving(tiny_dense_dirs, router):
+    """With renormalised weights the selected mass is exactly 1 (as for topk_softmax), so the scale is G: exact."""
+    folder = tiny_dense_dirs["llama"]
+    moe = upcycle_in_memory(folder, num_experts=8, top_k=2, router=router, dtype="float32",
+                            extra_config={"norm_topk_prob": True})
+    assert moe.config.norm_topk_prob is True
+    assert set(moe.config.upcycling["activation_scale"].values()) == {1.0}
+    assert max_logit_diff(load_dense(folder), moe, IDS) <= 1e-4
+
+
+def _pretrain_config(model, **values):
+    from trainer_scripts.config import PretrainConfig
+
+    return PretrainConfig(model_name_or_path=str(model), block_size=64, **values)
+
+
+def test_norm_topk_prob_via_model_config_overrides_keeps_the_dense_function(tiny_dense_dirs):
+    """Online upcycling in continued pretraining: the override reaches the conversion (it sets the scale)."""
+    from trainer_scripts.continued_pretraining import load_model, read_model_config
+
+    folder = tiny_dense_dirs["llama"]
+    cfg = _pretrain_config(folder, upcycling={"num_experts": 8, "top_k": 2},
+                           model_config_overrides={"norm_topk_prob": True})
+    _, is_moe = read_model_config(cfg)
+    moe = load_model(cfg, is_moe).eval()
+    assert moe.config.norm_topk_prob is True
+    assert max_logit_diff(load_dense(folder), moe, IDS) <= 1e-4  # 0.077 when set after the conversion
+
+
+def test_routing_overrides_on_a_converted_model_are_refused_up_front(tmp_path, tiny_dense_dirs):
+    """A converted checkpoint's experts are scaled for its routing: changing the routing breaks preservation."""
+    from trainer_scripts.config import ConfigError
+    from trainer_scripts.continued_pretraining import read_model_config
+
+    out = upcycle(tiny_dense_dirs["llama"], tmp_path / "moe", num_experts=8, top_k=2, dtype="float32")
+    for overrides in ({"norm_topk_prob": True}, {"num_experts_per_tok": 4}, {"router_type": "sigmoid_topk"}):
+        with pytest.raises(ConfigError, match=f"model_config_overrides: {next(iter(overrides))}.*function"):
+            read_model_config(_pretrain_config(out, model_config_overrides=overrides))
+    read_model_config(_pretrain_config(out, model_config_overrides={"norm_topk_prob": False, "capacity_factor": 2.0}))
+    top = upcycle(tiny_dense_dirs["llama"], tmp_path / "top", num_experts=8, top_k=2, router="topk_softmax")
+    read_model_config(_pretrain_config(top, model_config_overrides={"norm_topk_prob": True}))  # no effect: allowed

@@ -91,7 +91,26 @@ def read_model_config(cfg: PretrainConfig):
         bad = sorted(set(cfg.model_config_overrides) - known)
         if bad:
             raise ConfigError(f"model_config_overrides: {bad} are not UpcycledMoeConfig fields")
+    check_routing_overrides(cfg, mc if is_moe else None)
     return mc, is_moe
+
+
+def check_routing_overrides(cfg: PretrainConfig, moe_config) -> None:
+    """A converted model's experts are scaled for the routing it was converted with: changing it afterwards breaks
+    function preservation. Online upcycling passes norm_topk_prob to the conversion (see load_model) instead."""
+    from upcycled_moe.conversion.methods import routing_changes
+
+    overrides = cfg.model_config_overrides
+    if moe_config is not None:
+        changed = routing_changes(moe_config, overrides)
+    else:
+        changed = [k for k in ("router_type", "num_experts_per_tok") if k in overrides]
+    if changed:
+        key = changed[0]
+        hint = ("set it in the upcycling options (router, top_k)" if moe_config is None else
+                "convert again with it (upcycle-moe convert --router / --top-k / extra_config norm_topk_prob)")
+        raise ConfigError(f"model_config_overrides: {key} changes how the experts are weighted, so the upcycled model "
+                          f"no longer computes the dense model's function; {hint}")
 
 
 def check_dgs(cfg: PretrainConfig, accelerator) -> None:
@@ -140,6 +159,9 @@ def load_model(cfg: PretrainConfig, is_moe: bool):
         model = UpcycledMoeForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=torch.float32, **kwargs)
     else:  # online upcycling: no converted checkpoint on disk
         options = dict(cfg.upcycling)
+        if "norm_topk_prob" in cfg.model_config_overrides:  # it sets the activation scale: a conversion option
+            norm = cfg.model_config_overrides["norm_topk_prob"]
+            options["extra_config"] = {**options.get("extra_config", {}), "norm_topk_prob": norm}
         if cfg.gguf_file:
             options.setdefault("gguf_file", cfg.gguf_file)
         model = UpcycledMoeForCausalLM.from_dense(cfg.model_name_or_path, **options)

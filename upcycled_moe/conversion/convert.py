@@ -39,8 +39,10 @@ from .sources import DenseSource, open_source
 from .writer import AtomicFolder, TensorPlan, check_output, materialise, write_sharded
 
 
-# UpcycledMoeConfig fields a user may set through `extra_config` (training behaviour, not the conversion itself).
+# UpcycledMoeConfig fields a user may set through `extra_config` (training behaviour; norm_topk_prob also sets the
+# activation scale, so it must be chosen here, not changed after the conversion).
 EXTRA_CONFIG_FIELDS = (
+    "norm_topk_prob",
     "router_aux_loss_coef",
     "router_z_loss_coef",
     "router_jitter_noise",
@@ -100,11 +102,10 @@ def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.
         num_experts_per_tok=options.top_k,
         moe_intermediate_size=width // options.granularity,
         router_type=options.router,
-        norm_topk_prob=False,
         mlp_layer_types=["sparse" if i in layers else "dense" for i in range(num_layers)],
         num_shared_experts=1 if options.shared_expert else 0,
         shared_expert_intermediate_size=width,
-        **options.extra_config,
+        **{"norm_topk_prob": False, **options.extra_config},
     )
     try:
         import warnings
@@ -131,11 +132,11 @@ def layer_router(plan: ConversionPlan, layer: int) -> torch.Tensor:
     return router_weight(o.num_experts, o.granularity, cfg.hidden_size, o.router_init_std, g).to(plan.dtype)
 
 
-def base_scales(options: UpcycleOptions, layers: list[int]) -> dict[int, float]:
+def base_scales(options: UpcycleOptions, layers: list[int], norm_topk_prob: bool = False) -> dict[int, float]:
     """Per-layer activation scale s before any calibration (1 for scaling='none')."""
     if options.scaling == "none":
         return {i: 1.0 for i in layers}
-    s = activation_scale(options.router, options.num_experts, options.top_k, options.granularity)
+    s = activation_scale(options.router, options.num_experts, options.top_k, options.granularity, norm_topk_prob)
     if options.shared_expert:
         s *= 1.0 - SHARED_EXPERT_SHARE
     return {i: s for i in layers}
@@ -145,7 +146,7 @@ def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None
     """Config, scales (calibrated if asked) and the list of tensor plans in the model's state-dict order."""
     dtype = _torch_dtype(options.dtype, source)
     config, layers = build_moe_config(source, options, dtype)
-    plan = ConversionPlan(source, options, config, dtype, layers, base_scales(options, layers))
+    plan = ConversionPlan(source, options, config, dtype, layers, base_scales(options, layers, config.norm_topk_prob))
     if options.scaling == "calibrated":
         plan.calibration = measure_selected_mass(plan, tokenizer=tokenizer)
         target = 1.0 - SHARED_EXPERT_SHARE if options.shared_expert else 1.0
@@ -295,7 +296,7 @@ def measure_selected_mass(plan: ConversionPlan, tokenizer=None) -> dict[int, flo
     def hook_for(i):
         def hook(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            mass = selected_mass(x @ routers[i].t(), o.router, o.top_k)
+            mass = selected_mass(x @ routers[i].t(), o.router, o.top_k, plan.config.norm_topk_prob)
             totals[i][0] += mass.sum().item()
             totals[i][1] += mass.numel()
 

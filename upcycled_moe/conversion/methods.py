@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..modeling_upcycled_moe import route  # the model's router (and its stable_topk): one implementation
+
 # ---------------------------------------------------------------------------------------------------- randomness
 
 
@@ -34,45 +36,71 @@ def router_weight(num_experts: int, granularity: int, hidden_size: int, std: flo
     return base.repeat_interleave(granularity, dim=0)
 
 
-def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k with ties broken by lower index (the model's rule), so identical experts are taken as a whole group."""
-    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
-    return values[..., :k], indices[..., :k]
+@dataclass(frozen=True)
+class Routing:
+    """The config fields the model's `route` reads: the conversion routes before the model config exists."""
+
+    router_type: str
+    num_experts_per_tok: int
+    norm_topk_prob: bool = False
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """topk_softmax, and any router with norm_topk_prob, renormalise the kept weights: Σ_selected w = 1."""
+        return self.router_type == "topk_softmax" or bool(self.norm_topk_prob)
 
 
-def routing_weights(logits: torch.Tensor, router: str, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, N) float32 logits → (top-k weights, top-k indices), as the model's router computes them."""
-    logits = logits.float()
-    scores = torch.sigmoid(logits) if router == "sigmoid_topk" else torch.softmax(logits, dim=-1)
-    weights, index = stable_topk(scores, top_k)
-    if router == "topk_softmax":
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+def routing_weights(logits: torch.Tensor, router: str, top_k: int, norm_topk_prob: bool = False):
+    """(T, N) logits → (top-k weights, top-k indices), computed by the model's own router (one implementation)."""
+    _, weights, index = route(logits.float(), Routing(router, top_k, norm_topk_prob))
     return weights, index
 
 
-def selected_mass(logits: torch.Tensor, router: str, top_k: int) -> torch.Tensor:
-    """Per token, the total routing weight given to the selected experts (1 for topk_softmax)."""
-    return routing_weights(logits, router, top_k)[0].sum(dim=-1)
+def selected_mass(logits: torch.Tensor, router: str, top_k: int, norm_topk_prob: bool = False) -> torch.Tensor:
+    """Per token, the total routing weight given to the selected experts (1 for topk_softmax or norm_topk_prob)."""
+    return routing_weights(logits, router, top_k, norm_topk_prob)[0].sum(dim=-1)
+
+
+ROUTING_FIELDS = ("router_type", "num_experts_per_tok", "norm_topk_prob")
+
+
+def routing_changes(config, overrides: dict) -> list[str]:
+    """The keys of `overrides` that change how a converted model weighs its experts.
+
+    The experts were scaled for the routing the model was converted with; any other routing makes the model start
+    away from the dense one (e.g. norm_topk_prob on a softmax_topk conversion: max |Δlogit| 0.077 on a tiny Llama).
+    norm_topk_prob on topk_softmax changes nothing, so it is not reported.
+    """
+    def routing(values):
+        r = Routing(values["router_type"], values["num_experts_per_tok"], values["norm_topk_prob"])
+        return r.router_type, r.num_experts_per_tok, r.weights_sum_to_one
+
+    before = {k: getattr(config, k) for k in ROUTING_FIELDS}
+    changed = []
+    for key in ROUTING_FIELDS:
+        if key in overrides and routing({**before, key: overrides[key]}) != routing(before):
+            changed.append(key)
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------- scaling
 
 
-def activation_scale(router: str, num_experts: int, top_k: int, granularity: int) -> float:
+def activation_scale(router: str, num_experts: int, top_k: int, granularity: int, norm_topk_prob: bool = False) -> float:
     """The factor s the expert outputs need so that the MoE starts at the dense output (at init, in expectation).
 
     The G experts of a selected virtual group sum to the dense FFN, so the layer outputs (Σ_selected w) / G · dense.
-    - topk_softmax: Σ w = 1 exactly                          → s = G (exact for any router).
-    - softmax_topk: p ≈ 1/N, Σ w ≈ T/N                         → s = N·G/T = E·G²/T (near-exact for a small router).
-    - sigmoid_topk: sigmoid(logit ≈ 0) ≈ 1/2, Σ w ≈ T/2        → s = 2G/T (same approximation).
+    - topk_softmax, or any router with norm_topk_prob: Σ w = 1 exactly → s = G (exact for any router).
+    - softmax_topk: p ≈ 1/N, Σ w ≈ T/N                                 → s = N·G/T = E·G²/T (near-exact, small router).
+    - sigmoid_topk: sigmoid(logit ≈ 0) ≈ 1/2, Σ w ≈ T/2                → s = 2G/T (same approximation).
     """
-    if router == "topk_softmax":
+    if router not in ("topk_softmax", "softmax_topk", "sigmoid_topk"):
+        raise ValueError(f"unknown router {router!r}")
+    if Routing(router, top_k, norm_topk_prob).weights_sum_to_one:
         return float(granularity)
     if router == "softmax_topk":
         return num_experts * granularity / top_k
-    if router == "sigmoid_topk":
-        return 2.0 * granularity / top_k
-    raise ValueError(f"unknown router {router!r}")
+    return 2.0 * granularity / top_k
 
 
 def calibrated_scale(mean_selected_mass: float, granularity: int) -> float:

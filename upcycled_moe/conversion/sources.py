@@ -514,6 +514,14 @@ def gguf_source(folder: Path, name: str) -> DenseSource:
     return source
 
 
+def save_dequantised_gguf(folder: Path, name: str, out: Path) -> None:
+    """A GGUF checkpoint as a plain float32 save_pretrained folder (with its tokenizer) of its transformers family.
+    The one dequantisation path: the experiment runner, the benchmarks and the tests cache their folders with it."""
+    source = gguf_source(Path(folder), name)
+    source.model.save_pretrained(out)
+    source.tokenizer.save_pretrained(out)
+
+
 def plain_model(model):
     """The same model without its quantization flag. GGUF loads are dequantised floats but flagged quantized (so
     save_pretrained and Trainer refuse them); really quantized weights (bitsandbytes, ...) are refused here."""
