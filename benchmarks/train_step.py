@@ -70,11 +70,12 @@ def build(name, moe, impl, dtype, attn, experts, top_k, device):
 
 
 def flops_per_token(model, cfg, seq):
-    """6 x the model's own active parameters (its `num_active_parameters`, the definition training metrics use)
-    + causal attention's 6 x layers x seq x attention width."""
+    """The training scripts' count (trainer_scripts.metrics: 6 x the model's active parameters + causal attention by
+    the pairs each layer attends), and the active parameter count."""
+    from trainer_scripts.metrics import flops_per_token as training_flops_per_token
+
     active = model.num_active_parameters()
-    attn_width = cfg.num_attention_heads * cfg.head_dim
-    return 6 * active + 6 * cfg.num_hidden_layers * seq * attn_width, active
+    return training_flops_per_token(model, seq, active), active
 
 
 def profile_step(label, step, n, device):

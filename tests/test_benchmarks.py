@@ -42,12 +42,15 @@ def test_train_step_benchmark_runs_dense_and_moe_with_the_models_flop_count(tmp_
         assert math.isfinite(r["loss"]) and 5.0 < r["loss"] < 8.0  # ~ln(512) for an untrained model
         assert r["tokens_per_s"] == pytest.approx(2 * 32 * 2 / (r["step_ms"] / 1e3))
 
-    # the FLOP count is the model's own definition (num_active_parameters) plus causal attention
+    # the FLOP count agrees with a measured one (FlopCounterMode; causal attention by the pairs the model attends)
+    from test_metrics import measured_training_flops
+
     train_step = import_benchmark("train_step")
-    for (moe, impl), r in rows.items():
-        model, cfg = train_step.build("tiny", moe, impl, torch.float32, "sdpa", 8, 2, torch.device("cpu"))
-        attention = 6 * cfg.num_hidden_layers * 32 * cfg.num_attention_heads * cfg.head_dim
-        assert r["flops_per_token"] == 6 * model.num_active_parameters() + attention
+    for moe in (False, True):
+        model, _ = train_step.build("tiny", moe, "eager", torch.float32, "sdpa", 8, 2, torch.device("cpu"))
+        measured = measured_training_flops(model, 32)
+        for r in (r for (m, _), r in rows.items() if m == moe):
+            assert r["flops_per_token"] * 32 == pytest.approx(measured, rel=1e-9), (r["impl"], measured)
     # same active shape: the dense twin and the MoE multiply (nearly) the same parameters per token
     dense, moe = rows[(False, "dense")], rows[(True, "upcycled_fused")]
     assert abs(moe["active_matmul_params"] - dense["active_matmul_params"]) / dense["active_matmul_params"] < 0.05

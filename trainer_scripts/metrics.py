@@ -12,19 +12,31 @@ import time
 
 import torch
 
-# Dense bf16 peak of known accelerators, TFLOP/s (no 2:4 sparsity figures).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0,
-               "L40S": 362.0, "L40": 181.0, "L4": 121.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+# Dense bf16 peak of known accelerators, TFLOP/s: NVIDIA's datasheet figures (half the "with sparsity" ones). The first
+# pattern found in the device name wins, so variants come before their family: an H100 PCIe (756) or NVL (835.5)
+# is no H100 SXM (989.5), whose name (e.g. "NVIDIA H100 80GB HBM3") carries neither word. The A100's PCIe and SXM
+# cards share one peak.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("GH200", 989.5), ("H200 NVL", 835.5), ("H200", 989.5),
+    ("H100", 989.5), ("H800 PCIe", 756.0), ("H800", 989.5), ("A100", 312.0), ("A800", 312.0),
+    ("A10G", 125.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+)
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    """The dense bf16 peak for a ``torch.cuda.get_device_name`` string; None for a device not in the table."""
+    name = device_name.lower()
+    for pattern, value in PEAK_TFLOPS:
+        if pattern.lower() in name:
+            return value
+    return None
 
 
 def detect_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs, MFU
@@ -42,16 +54,38 @@ def parameter_counts(model) -> dict[str, int]:
     return {"total": total, "active": model.num_active_parameters(), "routed_experts": expert, "embedding": embed}
 
 
-def flops_per_token(model, seq_len: int, active_params: int | None = None) -> float:
-    """Training FLOPs per token: 6 x active parameters + causal attention (6 x layers x seq x heads x head_dim)."""
+def attended_pairs(seq_len: int, window: int | None = None) -> int:
+    """(query, key) pairs a causal layer scores over ``seq_len`` tokens. Query i sees keys i-w+1..i (w = the
+    window, including itself), so it sees min(i+1, w): summed, s(s+1)/2 without a window (or with w >= s), and
+    w(w+1)/2 for the first w queries plus w for each of the other s-w, i.e. s*w - w(w-1)/2, with one."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return seq_len * window - window * (window - 1) // 2
+
+
+def training_flops(model, seq_lens, active_params: int | None = None) -> int:
+    """Training FLOPs (forward + backward) of sequences of these lengths: 6 x active parameters per token, plus
+    12 x attention width per attended pair and layer (the scores and the weighted sum are two matrix products of 2
+    FLOPs per multiply-add, and the backward pass is twice the forward). Give real lengths, not padded ones:
+    padding does no useful work."""
     config = model.config
     if active_params is None:
         active_params = parameter_counts(model)["active"]
-    attn = 0.0
-    for kind in config.layer_types:
-        span = min(seq_len, config.sliding_window) if kind == "sliding_attention" and config.sliding_window else seq_len
-        attn += 6 * span * config.num_attention_heads * config.head_dim
-    return 6.0 * active_params + attn
+    width = config.num_attention_heads * config.head_dim
+    total = 0
+    for n in seq_lens:
+        n = int(n)
+        pairs = sum(
+            attended_pairs(n, config.sliding_window if kind == "sliding_attention" else None)
+            for kind in config.layer_types
+        )
+        total += 6 * active_params * n + 12 * width * pairs
+    return total
+
+
+def flops_per_token(model, seq_len: int, active_params: int | None = None) -> float:
+    """Training FLOPs per token of ``seq_len``-token sequences (``training_flops`` of one, per token)."""
+    return training_flops(model, [seq_len], active_params) / seq_len
 
 
 # --------------------------------------------------------------------------------------------- routing stats
@@ -113,17 +147,37 @@ def routing_scalars(stats: dict[str, torch.Tensor], sparse_layers: list[int], pe
 
 # --------------------------------------------------------------------------------------------------- logging
 class Throughput:
-    def __init__(self):
-        self.t0, self.tokens = time.perf_counter(), 0
+    """Tokens per second of training time: the clock runs from creation, stops at ``pause`` (call it before an
+    evaluation or a checkpoint) and runs again at ``start`` (call it before every step; a no-op while it runs).
+    With a CUDA ``device`` the clock stops only after the queued kernels have finished, so a step's work is not
+    billed to whatever follows it."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.tokens, self.elapsed, self._t0 = 0, 0.0, time.perf_counter()
+
+    def start(self):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def pause(self):
+        if self._t0 is not None:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.elapsed += time.perf_counter() - self._t0
+            self._t0 = None
 
     def add(self, tokens: int):
         self.tokens += tokens
 
     def rate(self) -> float:
-        """Tokens per second since the last call (resets)."""
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
+        """Tokens per second of training time since the last call (resets; a running clock keeps running)."""
+        running = self._t0 is not None
+        self.pause()
+        rate = self.tokens / max(self.elapsed, 1e-9)
+        self.tokens, self.elapsed = 0, 0.0
+        if running:
+            self.start()
         return rate
 
 
