@@ -1,7 +1,7 @@
 """Tests of upcycled_moe/fused_moe.py against an independent eager float32 reference.
 
 CPU tests exercise the plain-torch path (and the grouped_mm / mm-loop GEMM fallbacks); when triton is
-installed, the Triton kernels are also run on CPU under TRITON_INTERPRET=1. CUDA tests are skipped without a GPU.
+installed, the Triton kernels are also run on CPU under TRITON_INTERPRET=1. CUDA tests are marked `gpu`.
 """
 
 import importlib.util
@@ -352,10 +352,10 @@ def test_interp_child_sentinel(fm_interp):
 # ----------------------------------------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# CUDA-only tests carry the `gpu` marker: tests/conftest.py skips them, announced, where there is no GPU.
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("skew", [None, "zipf", "empty"])
 @pytest.mark.parametrize("shape", [(512, 256, 512, 8, 2), (512, 128, 64, 64, 8), (256, 576, 1536, 8, 2)])
 @pytest.mark.parametrize("gated,act", [(True, "silu"), (False, "relu2")])
@@ -366,7 +366,7 @@ def test_cuda_bf16_matches_fp32_reference(shape, skew, gated, act):
     assert_close(got, ref, 2e-2)
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_other_dtypes(dtype):
     case = make_case(256, 64, 96, 8, 2, dtype=dtype, device="cuda", skew="empty", seed=37)
@@ -374,14 +374,14 @@ def test_cuda_other_dtypes(dtype):
     assert_close(got, ref, 2e-2 if dtype == torch.float16 else 1e-4)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_unaligned_bf16():
     case = make_case(100, 60, 36, 5, 2, dtype=torch.bfloat16, device="cuda", seed=41)  # 60 % 8 != 0
     got, ref = run_both(fm, case, True, "silu")
     assert_close(got, ref, 2e-2)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_sentinel_and_poisoned_rows():
     x, idx, w, w1, w2 = make_case(300, 128, 256, 8, 2, dtype=torch.bfloat16, device="cuda", seed=43)
     idx = idx.clone()
@@ -402,7 +402,7 @@ def test_cuda_sentinel_and_poisoned_rows():
     assert (a[1][~keep] == 0).all()
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_deterministic():
     case = make_case(1024, 256, 512, 8, 2, dtype=torch.bfloat16, device="cuda", skew="zipf", seed=47)
     r1, _ = run_both(fm, case, True, "silu")
@@ -411,7 +411,7 @@ def test_cuda_deterministic():
         assert torch.equal(a, b)
 
 
-@cuda
+@pytest.mark.gpu
 def test_cuda_triton_equals_torch_path():
     if not fm.HAS_TRITON:
         pytest.skip("no triton")

@@ -133,6 +133,11 @@ def test_capacity_factor_zeroes_dropped_slots_in_the_router():
     for e in range(model.config.num_experts):
         assert int(((index == e) & (weights > 0)).sum()) <= capacity
     assert int((weights == 0).sum()) >= 16 * 2 - capacity * model.config.num_experts
+    # dropped slots carry the sentinel index num_experts (every experts implementation skips it) and weight 0
+    _, _, chosen = route(logits, model.config)
+    dropped = ~capacity_keep_mask(chosen, model.config.num_experts, capacity)
+    assert dropped.any() and (index[dropped] == model.config.num_experts).all() and (weights[dropped] == 0).all()
+    assert torch.equal(index[~dropped], chosen[~dropped])
 
 
 def test_router_jitter_only_in_training():
@@ -230,6 +235,64 @@ def test_balanced_routing_gives_aux_loss_one():
     torch.testing.assert_close(load_balancing_loss((logits,), config), torch.tensor(1.0))
 
 
+def _switch_aux_by_hand(logits, k, balance_probs):
+    """E * sum_e f_e * P_e with plain python loops: f_e = share of the T*k slots sent to e (top-k of the logits, ties
+    to the lower index), P_e = mean over tokens of the balance probability of e."""
+    rows = logits.tolist()
+    num_tokens, num_experts = len(rows), len(rows[0])
+    counts, prob_sums = [0.0] * num_experts, [0.0] * num_experts
+    for row in rows:
+        order = sorted(range(num_experts), key=lambda e: (-row[e], e))
+        for e in order[:k]:
+            counts[e] += 1
+        probs = balance_probs(row)
+        for e in range(num_experts):
+            prob_sums[e] += probs[e]
+    return num_experts * sum(counts[e] / (num_tokens * k) * prob_sums[e] / num_tokens for e in range(num_experts))
+
+
+def _softmax_list(row):
+    exps = [math.exp(v - max(row)) for v in row]
+    return [v / sum(exps) for v in exps]
+
+
+def _normalised_sigmoid_list(row):
+    sig = [1.0 / (1.0 + math.exp(-v)) for v in row]
+    return [v / sum(sig) for v in sig]
+
+
+@pytest.mark.parametrize("router_type, balance_probs", [("topk_softmax", _softmax_list),
+                                                         ("sigmoid_topk", _normalised_sigmoid_list)])
+def test_aux_loss_equals_the_switch_formula_by_hand(router_type, balance_probs):
+    config = small_config(num_experts=6, num_experts_per_tok=2, router_type=router_type)
+    logits = torch.randn(9, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float() * 2
+    expected = _switch_aux_by_hand(logits, 2, balance_probs)
+    assert load_balancing_loss((logits,), config).item() == pytest.approx(expected, rel=1e-5)
+    # two layers: the mean over layers
+    other = logits.flip(0) * 0.5
+    expected2 = (expected + _switch_aux_by_hand(other, 2, balance_probs)) / 2
+    assert load_balancing_loss((logits, other), config).item() == pytest.approx(expected2, rel=1e-5)
+
+
+@pytest.mark.parametrize("router_type, score", [("softmax_topk", _softmax_list),
+                                                 ("sigmoid_topk", lambda r: [1 / (1 + math.exp(-v)) for v in r])])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_norm_topk_prob_renormalises_the_model_routers_weights(router_type, score, norm_topk_prob):
+    model = small_model(num_experts=6, num_experts_per_tok=3, router_type=router_type, norm_topk_prob=norm_topk_prob)
+    router = model.model.layers[1].mlp.gate
+    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(6))
+    logits, weights, index = router(hidden)
+    for t, row in enumerate(logits.tolist()):
+        scores = score(row)
+        top = sorted(range(6), key=lambda e: (-scores[e], e))[:3]
+        kept = [scores[e] for e in top]
+        if norm_topk_prob:
+            kept = [v / sum(kept) for v in kept]
+        assert index[t].tolist() == top
+        assert weights[t].tolist() == pytest.approx(kept, rel=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(5)) == norm_topk_prob
+
+
 def test_loss_includes_router_terms_whenever_labels_are_given():
     model = small_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
     ids = torch.randint(0, 128, (2, 12))
@@ -301,6 +364,129 @@ def test_experts_implementations_agree_with_working_backward(gated):
         for a, b in zip(results["eager"], results[impl]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert results["eager"][1].abs().sum() > 0
+
+
+def _count_expert_rows(model, impl, monkeypatch):
+    """Rows each expert GEMM multiplies, observed by spies that call the real code: the fused path's own record, the
+    arguments transformers passes to torch's grouped_mm, the rows the eager loop feeds each expert FFN."""
+    from upcycled_moe import fused_moe
+
+    rows = []
+    if impl == "upcycled_fused":
+        monkeypatch.setattr(fused_moe, "COUNT_ROWS", True)
+        monkeypatch.setattr(fused_moe, "GEMM_ROWS", rows)
+    elif impl == "grouped_mm":
+        real = torch.nn.functional.grouped_mm
+
+        def spy(a, b, offs=None, **kw):
+            rows.append(int(offs[-1]))
+            return real(a, b, offs=offs, **kw)
+
+        monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    else:
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            real_ffn = experts.expert_ffn
+
+            def ffn(expert_idx, x, real_ffn=real_ffn):
+                rows.append(x.shape[0])
+                return real_ffn(expert_idx, x)
+
+            monkeypatch.setattr(experts, "expert_ffn", ffn)
+    return rows
+
+
+def _block_by_hand(block, hidden, config):
+    """The sparse block written out token by token: sum over kept slots of weight * SwiGLU expert; dropped slots
+    contribute nothing."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    _, weights, index = route(flat.float() @ block.gate.weight.float().t(), config)
+    keep = capacity_keep_mask(index, config.num_experts, config.expert_capacity(flat.shape[0]))
+    experts, inter = block.experts, config.moe_intermediate_size
+    out = []
+    for t in range(flat.shape[0]):
+        acc = torch.zeros(flat.shape[-1])
+        for j in range(index.shape[1]):
+            if keep[t, j]:
+                e = int(index[t, j])
+                gate_up = experts.gate_up_proj[e] @ flat[t]
+                acc = acc + weights[t, j] * (experts.down_proj[e] @ (F.silu(gate_up[:inter]) * gate_up[inter:]))
+        out.append(acc)
+    return torch.stack(out).view(hidden.shape), keep
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "upcycled_fused"])
+def test_capacity_drops_are_not_computed_and_contribute_nothing(impl, monkeypatch):
+    model = small_model(capacity_factor=0.5, num_experts=4)
+    model.set_experts_implementation(impl)
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    params = [hidden, block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
+    grad_out = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(9))
+    ref, keep = _block_by_hand(block, hidden, model.config)
+    ref_grads = torch.autograd.grad(ref, params, grad_out)
+    kept = int(keep.sum())
+    assert 0 < kept < keep.numel()
+    rows = _count_expert_rows(model, impl, monkeypatch)
+    out = block(hidden)
+    grads = torch.autograd.grad(out, params, grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for name, got, want in zip(("hidden", "router", "gate_up", "down"), grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)
+    # the expert GEMMs multiply only the kept slots: grouped kernels see kept rows, the eager loop feeds kept rows
+    assert rows and (sum(rows) == kept if impl == "eager" else set(rows) == {kept}), (rows, kept)
+    # the statistics still report the share dropped
+    logits = block.gate(hidden.detach().view(-1, 64))[0]
+    stats = routing_statistics((logits,), model.config)
+    assert stats["dropped_fraction"].item() == pytest.approx(1 - kept / keep.numel())
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "upcycled_fused"])
+def test_expert_gemms_follow_autocast_in_every_implementation(impl, monkeypatch):
+    """fp32 weights under bf16 autocast (how the scripts train): every implementation's expert GEMMs run in bf16 as
+    nn.Linear's do, and the gradients reach the fp32 weights in fp32."""
+    from upcycled_moe import fused_moe
+
+    model = small_model(num_experts=4).train()
+    model.set_experts_implementation(impl)
+    dtypes = []  # dtypes of the operands of each expert GEMM
+    if impl == "upcycled_fused":
+        fused_moe.GEMM_CALLS.clear()
+    elif impl == "grouped_mm":
+        real = torch.nn.functional.grouped_mm
+
+        def spy(a, b, offs=None, **kw):
+            dtypes.append((a.dtype, b.dtype))
+            return real(a, b, offs=offs, **kw)
+
+        monkeypatch.setattr(torch.nn.functional, "grouped_mm", spy)
+    else:
+        real_linear = F.linear
+
+        def linear(x, w, b=None):
+            out = real_linear(x, w, b)
+            if w.dim() == 2 and w.shape == model.model.layers[0].mlp.experts.gate_up_proj.shape[1:]:
+                dtypes.append((out.dtype, out.dtype))
+            return out
+
+        monkeypatch.setattr(F, "linear", linear)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    if impl == "upcycled_fused":
+        assert set(fused_moe.GEMM_CALLS) == {("grouped_mm", torch.bfloat16)}
+    else:
+        assert dtypes and set(dtypes) == {(torch.bfloat16, torch.bfloat16)}, dtypes
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.grad.dtype == torch.float32
+    assert experts.gate_up_proj.grad.abs().sum() > 0
+    model.zero_grad()
+    model.set_experts_implementation("eager")
+    monkeypatch.undo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, eager.loss, atol=2e-2, rtol=2e-2)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -419,6 +605,48 @@ def test_chunked_loss_under_bf16_autocast_matches_the_full_loss():
     assert chunked_grads[w].dtype == torch.float32
     rel = (chunked_grads[w] - full_grads[w]).norm() / full_grads[w].norm()
     assert rel < 2e-2
+
+
+class _NewTensorShapes(torch.overrides.TorchFunctionMode):
+    """Shapes of the tensors torch functions return, except views of the given tensors' storage."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in inputs}
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.storages:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("frozen", ["head", "hidden", "no_grad"])
+def test_chunked_loss_builds_no_gradient_nobody_needs(frozen):
+    from upcycled_moe.modeling_upcycled_moe import chunked_causal_lm_loss
+
+    g = torch.Generator().manual_seed(5)
+    hidden0 = torch.randn(3, 11, 64, generator=g)
+    weight0 = torch.randn(100, 64, generator=g) * 0.1
+    labels = torch.randint(0, 100, (3, 11), generator=g)
+    labels[0, :4] = -100
+    hidden = hidden0.clone().requires_grad_(frozen != "hidden")
+    weight = weight0.clone().requires_grad_(frozen != "head")
+    with torch.set_grad_enabled(frozen != "no_grad"), _NewTensorShapes(hidden, weight) as seen:
+        loss = chunked_causal_lm_loss(hidden, weight, labels, chunk_size=5)
+    ref_hidden, ref_weight = hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+    ref = F.cross_entropy((ref_hidden[:, :-1] @ ref_weight.t()).reshape(-1, 100), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    assert (100, 64) not in seen.shapes if frozen != "hidden" else (33, 64) not in seen.shapes, seen.shapes
+    if frozen == "no_grad":
+        assert loss.grad_fn is None and (33, 64) not in seen.shapes
+        return
+    ref.backward()
+    loss.backward()
+    trained, ref_trained = (weight, ref_weight) if frozen == "hidden" else (hidden, ref_hidden)
+    torch.testing.assert_close(trained.grad, ref_trained.grad)
 
 
 def test_chunked_loss_is_skipped_where_it_cannot_apply():

@@ -22,8 +22,9 @@ One custom autograd.Function does, for the T*k token-expert slots S:
 
 Saved for backward: only gate_up (S, 2I) plus int index vectors (h, y, x_g, weighted outputs are not kept).
 
-Slots whose expert index is >= num_experts (sentinels) are skipped (output 0, routing-weight gradient 0).
-Dropped slots that keep a real expert index and weight 0 are computed and contribute 0 (exact autograd semantics).
+Slots whose expert index is >= num_experts (sentinels) are skipped: they sort last, past offs[-1], so no GEMM
+multiplies them (output 0, routing-weight gradient 0). The model's router sends capacity-dropped slots this way;
+a slot that keeps a real expert index and weight 0 is computed and contributes 0.
 
 Mixed precision follows autocast as nn.Linear does: inside an autocast region the GEMMs run in the autocast dtype
 (x, W1, W2 cast by differentiable copies, so gradients reach fp32 weights in fp32); the output keeps hidden_states'

@@ -9,6 +9,7 @@ import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import wraps
 
 import torch
 import torch.nn.functional as F
@@ -285,13 +286,55 @@ class UpcycledMoeRouter(nn.Module):
         router_logits = F.linear(hidden_states, self.weight.float())
         _, top_k_weights, top_k_index = route(router_logits, self.config)
         capacity = self.config.expert_capacity(hidden_states.shape[0])
-        if capacity is not None:
-            top_k_weights = top_k_weights * capacity_keep_mask(top_k_index, self.config.num_experts, capacity)
+        if capacity is not None:  # dropped slots: the sentinel index num_experts, which every experts path skips
+            keep = capacity_keep_mask(top_k_index, self.config.num_experts, capacity)
+            top_k_index = top_k_index.masked_fill(~keep, self.config.num_experts)
+            top_k_weights = top_k_weights * keep  # for implementations that compute sentinels (batched_mm)
         return router_logits, top_k_weights, top_k_index
 
 
+class ExpertsSentinelMixin:
+    """transformers' experts implementations mask sentinel slots (index num_experts) only when the module says it
+    may receive them (`_is_expert_parallel`); capacity drops send them too."""
+
+    @property
+    def _is_expert_parallel(self):
+        return self._receives_sentinels or self.config.capacity_factor is not None
+
+    @_is_expert_parallel.setter
+    def _is_expert_parallel(self, value):
+        self._receives_sentinels = value
+
+
+# Implementations whose GEMMs follow autocast by themselves (F.linear; fused_moe casts like nn.Linear).
+_AUTOCAST_AWARE_EXPERTS = ("eager", "upcycled_fused")
+
+
+def follow_autocast(forward):
+    """Runs transformers' experts implementations with the weights cast to the autocast dtype, as nn.Linear does.
+
+    grouped_mm / batched_mm compute in the weights' dtype, so fp32 weights under bf16 autocast would run fp32 GEMMs
+    (on CUDA grouped_mm's slow fp32 path). The cast happens inside the experts' forward, after any hook that
+    gathers the parameters (DeepSpeed ZeRO-3), and is differentiable: gradients reach the fp32 weights in fp32."""
+
+    @wraps(forward)
+    def forward_in_autocast_dtype(self, hidden_states, top_k_index, top_k_weights):
+        device_type = hidden_states.device.type
+        if self.config._experts_implementation in _AUTOCAST_AWARE_EXPERTS or not torch.is_autocast_enabled(
+            device_type
+        ):
+            return forward(self, hidden_states, top_k_index, top_k_weights)
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = {name: p.to(dtype) for name, p in self.named_parameters(recurse=False) if p.is_floating_point()}
+        with torch.nn.utils.stateless._reparametrize_module(self, cast):  # what torch.func.functional_call uses
+            out = forward(self, hidden_states.to(dtype), top_k_index, top_k_weights.to(dtype))
+        return out.to(hidden_states.dtype)
+
+    return forward_in_autocast_dtype
+
+
 @use_experts_implementation
-class UpcycledMoeExperts(nn.Module):
+class UpcycledMoeExperts(ExpertsSentinelMixin, nn.Module):
     """Gated routed experts as fused 3D parameters (transformers' layout: gate rows first, then up)."""
 
     def __init__(self, config: UpcycledMoeConfig):
@@ -312,7 +355,7 @@ class UpcycledMoeExperts(nn.Module):
 
 
 @use_experts_implementation(has_gate=False)
-class UpcycledMoePlainExperts(nn.Module):
+class UpcycledMoePlainExperts(ExpertsSentinelMixin, nn.Module):
     """Routed experts without a gate (Nemotron: down(relu2(up)))."""
 
     def __init__(self, config: UpcycledMoeConfig):
@@ -329,6 +372,10 @@ class UpcycledMoePlainExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return eager_experts_loop(self, hidden_states, top_k_index, top_k_weights)
+
+
+UpcycledMoeExperts.forward = follow_autocast(UpcycledMoeExperts.forward)
+UpcycledMoePlainExperts.forward = follow_autocast(UpcycledMoePlainExperts.forward)
 
 
 def eager_experts_loop(experts, hidden_states, top_k_index, top_k_weights):
@@ -662,6 +709,36 @@ def _label_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != -100).sum()
 
 
+def _chunked_cross_entropy(hidden, weight, labels, divisor, chunk, need_hidden, need_weight):
+    """(loss, d_hidden or None, d_weight or None). Only the gradients asked for are built: a frozen head (LoRA) gets
+    no fp32 vocab x hidden gradient, a no_grad forward computes the loss alone."""
+    d_hidden = torch.empty_like(hidden) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    weight_c = None  # the weight in the matmuls' dtype (autocast may differ from it), cast once
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        raw = F.linear(h, weight)
+        logits = raw.float()
+        valid = y != -100
+        target = y.clamp(min=0)
+        lse = torch.logsumexp(logits, dim=-1)
+        total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+        if not (need_hidden or need_weight):
+            continue
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = softmax - one_hot
+        grad[torch.arange(h.shape[0], device=h.device), target] -= 1.0
+        grad = grad.mul_((valid.float() / divisor)[:, None]).to(raw.dtype)
+        del raw, logits
+        if need_hidden:
+            if weight_c is None:
+                weight_c = weight.to(grad.dtype)
+            d_hidden[start : start + chunk] = grad @ weight_c
+        if need_weight:
+            d_weight += grad.t() @ h.to(grad.dtype)
+    return total / divisor, d_hidden, d_weight
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum of CE(h @ W^T, labels) over rows / divisor, with the logits built `chunk` rows at a time and the gradients
     computed in the same pass: the (rows, vocab) logits never exist whole (memory) and are never recomputed (speed).
@@ -669,35 +746,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, divisor, chunk):
-        d_hidden = torch.empty_like(hidden)
-        d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        weight_c = None  # the weight in the matmuls' dtype (autocast may differ from it), cast once
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            raw = F.linear(h, weight)
-            logits = raw.float()
-            valid = y != -100
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = softmax - one_hot
-            grad[torch.arange(h.shape[0], device=h.device), target] -= 1.0
-            grad = grad.mul_((valid.float() / divisor)[:, None]).to(raw.dtype)
-            del raw, logits
-            if weight_c is None:
-                weight_c = weight.to(grad.dtype)
-            d_hidden[start : start + chunk] = grad @ weight_c
-            d_weight += grad.t() @ h.to(grad.dtype)
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        loss, d_hidden, d_weight = _chunked_cross_entropy(hidden, weight, labels, divisor, chunk, need_hidden,
+                                                          need_weight)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
-        return total / divisor
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         d_hidden, d_weight = ctx.saved_tensors
-        return (d_hidden * grad_output.to(d_hidden.dtype), (d_weight * grad_output).to(ctx.weight_dtype), None, None,
-                None)
+        d_hidden = d_hidden * grad_output.to(d_hidden.dtype) if d_hidden is not None else None
+        d_weight = (d_weight * grad_output).to(ctx.weight_dtype) if d_weight is not None else None
+        return d_hidden, d_weight, None, None, None
 
 
 def chunked_causal_lm_loss(hidden_states, lm_head_weight, labels, chunk_size, num_items_in_batch=None):
@@ -709,6 +770,8 @@ def chunked_causal_lm_loss(hidden_states, lm_head_weight, labels, chunk_size, nu
         divisor = (labels != -100).sum().clamp(min=1).float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+    if not torch.is_grad_enabled():  # autograd.Function reports needs_input_grad even under no_grad
+        return _chunked_cross_entropy(hidden, lm_head_weight, labels, divisor, int(chunk_size), False, False)[0]
     return ChunkedLinearCrossEntropy.apply(hidden, lm_head_weight, labels, divisor, int(chunk_size))
 
 
