@@ -82,3 +82,31 @@ def test_export_cli(tmp_path, tiny_dense_dirs, capsys):
     assert (tmp_path / "q3" / "config.json").is_file()
     assert main(["export", str(moe_dir), str(tmp_path / "q3"), "--to", "qwen3_moe"]) == 2  # exists, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target,router,top_k", [("mixtral", "topk_softmax", 4), ("qwen2_moe", "softmax_topk", 3)])
+def test_exported_aux_loss_coefficient_balances_the_same(tmp_path, target, router, top_k):
+    """transformers' load_balancing_loss_func counts top-k slots per token (its f sums to k), ours the share of slots
+    (f sums to 1): the exported coefficient is ours / k, so coef x aux_loss is the same training term.
+    One sparse layer: with several, transformers pools f and P over layers before the product (ours averages the
+    per-layer losses), which no coefficient can convert."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(dense)
+    moe_dir = upcycle(dense, tmp_path / "moe", num_experts=8, top_k=top_k, router=router, dtype="float32",
+                      router_init_std=0.5, extra_config={"router_aux_loss_coef": 0.03})  # unbalanced at init
+    out = export(moe_dir, tmp_path / target, target)
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = UpcycledMoeForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
+    mask = torch.ones_like(IDS)
+    mask[1, -5:] = 0  # padding is excluded by both
+    with torch.no_grad():
+        theirs_out = stock(IDS, attention_mask=mask, output_router_logits=True)
+        ours_out = ours(IDS, attention_mask=mask, output_router_logits=True)
+    assert torch.allclose(theirs_out.router_logits[0], ours_out.router_logits[0], atol=1e-5)
+    assert ours_out.aux_loss.item() > 1.02  # unbalanced (1.0 when balanced)
+    assert stock.config.router_aux_loss_coef * theirs_out.aux_loss.item() == pytest.approx(
+        ours.config.router_aux_loss_coef * ours_out.aux_loss.item(), rel=1e-5)

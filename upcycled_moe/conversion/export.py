@@ -109,6 +109,14 @@ def inexpressible(config, target: str) -> list[str]:
     return reasons
 
 
+def stock_aux_loss_coef(config) -> float:
+    """Our coefficient in the stock classes' convention. transformers' load_balancing_loss_func (Mixtral, Qwen2-MoE,
+    Qwen3-MoE) counts top-k slots per token, so its f sums to k; ours is the share of slots (f sums to 1, a balanced
+    router scores 1). Its loss is k times ours: dividing the coefficient by k keeps the training term. Exact for one
+    sparse layer; with several, it pools f and P over the layers before the product, ours averages per layer."""
+    return config.router_aux_loss_coef / config.num_experts_per_tok
+
+
 def stock_config(config, target: str):
     """The stock config with the same architecture and routing."""
     from transformers import AutoConfig
@@ -132,7 +140,7 @@ def stock_config(config, target: str):
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         num_experts_per_tok=c.num_experts_per_tok,
-        router_aux_loss_coef=c.router_aux_loss_coef,
+        router_aux_loss_coef=stock_aux_loss_coef(c),
         output_router_logits=c.output_router_logits,
     )
     norm = c.router_type == "topk_softmax" or c.norm_topk_prob
