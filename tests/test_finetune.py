@@ -1,6 +1,7 @@
 """Fine-tuning (trainer_scripts/finetune.py): HF Trainer + PEFT on a tiny UpcycledMoe model, real tokenizer and text."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_moe_dir
-from trainer_scripts.finetune import main, parse_args, run
-from trainer_scripts.metrics import flops_per_token, parameter_counts
+from trainer_scripts.finetune import FinetuneArguments, main, make_collator, parse_args, run, tokenize_examples
+from trainer_scripts.metrics import training_flops
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_lora_chat_attention_and_experts_router_frozen(tmp_path, tiny_dir, data)
     ft, ta = parse_args(args(tiny_dir, data["chat"], out, use_lora="true", gradient_checkpointing="true",
                              merge_lora="true", max_seq_length=64))
     metrics = run(ft, ta)
-    assert metrics["train_loss"] == pytest.approx(metrics["train_loss"]) and metrics["train_loss"] < 20
+    assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] < 20
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(adapter_cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
@@ -91,15 +92,68 @@ def test_full_finetune_router_loss_weighting_under_accumulation_and_active_flops
         else:
             moved += not torch.equal(a[k], before[k])
     assert moved > 10
-    # Trainer's FLOPs: 6 x active parameters (+ attention) per token, not 6 x all parameters
+    # Trainer's FLOPs: the measured count (FlopCounterMode; causal attention by attended pairs) of 4 sequences of 32
+    from test_metrics import measured_training_flops
     from upcycled_moe import UpcycledMoeForCausalLM
 
     model = UpcycledMoeForCausalLM.from_pretrained(tiny_dir)
-    tokens = 4 * 32
-    expected = flops_per_token(model, 32, parameter_counts(model)["active"]) * tokens
-    assert m1["total_flos"] == pytest.approx(expected, rel=1e-6)
-    assert m2["total_flos"] == pytest.approx(expected, rel=1e-6)
-    assert expected < 6 * tokens * sum(p.numel() for p in model.parameters())
+    all_parameters = 6 * 4 * 32 * sum(p.numel() for p in model.parameters())
+    expected = 4 * measured_training_flops(model, 32)
+    assert m1["total_flos"] == pytest.approx(expected, rel=1e-9)
+    assert m2["total_flos"] == pytest.approx(expected, rel=1e-9)
+    assert expected < all_parameters  # active parameters, not every expert
+
+
+CHATS = [
+    [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "An ordered, mutable sequence."}],
+    [{"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."},
+     {"role": "user", "content": "Hashable?"}, {"role": "assistant", "content": "Yes, when its items are."}],
+    [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
+]
+
+
+def _chat_file(path):
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    return path
+
+
+def test_collator_trains_every_end_of_turn_token_and_masks_only_padding(smollm2_tokenizer_dir):
+    """SmolLM2 pads with its end-of-turn token <|im_end|>: masking labels by token id would hide every end of turn
+    from the loss (the model never learns to stop). Padding is masked by position."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id == im_end  # the case at hand
+    ft = FinetuneArguments(max_seq_length=128)
+    rows = tokenize_examples(Dataset.from_dict({"messages": CHATS}), tokenizer, ft)
+    lengths = [len(r["input_ids"]) for r in rows]
+    assert len(set(lengths)) == 3  # so two of the three are padded
+    batch = make_collator(tokenizer)([rows[i] for i in range(3)])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert mask.sum(-1).tolist() == lengths
+    real = mask.bool()
+    assert torch.equal(labels[real], ids[real])  # every real token is a target, <|im_end|> included
+    assert (labels[~real] == -100).all() and int((labels == -100).sum()) == sum(max(lengths) - n for n in lengths)
+    turns = [len(m) + 1 for m in CHATS]  # the template's system turn, then each message: each ends with <|im_end|>
+    assert (labels == im_end).sum(-1).tolist() == turns
+
+
+def test_flop_count_leaves_out_padding(tmp_path, tiny_dir):
+    """One step over the three chats of different lengths in one padded batch: FLOPs of the real tokens only."""
+    from transformers import AutoTokenizer
+
+    from upcycled_moe import UpcycledMoeForCausalLM
+
+    chat = _chat_file(tmp_path / "chat.jsonl")
+    metrics = run(*parse_args(args(tiny_dir, chat, tmp_path / "out", max_steps=1, per_device_train_batch_size=3,
+                                   max_seq_length=128)))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]) for m in CHATS]
+    model = UpcycledMoeForCausalLM.from_pretrained(tiny_dir)
+    assert metrics["total_flos"] == training_flops(model, lengths)
+    assert metrics["total_flos"] < training_flops(model, [max(lengths)] * 3)
 
 
 def _fails(capsys, argv, pattern):

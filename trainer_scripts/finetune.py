@@ -8,7 +8,8 @@ Options: this script's own (``FinetuneArguments`` below) plus every ``transforme
 YAML file (``--config``) and ``--key=value`` overrides; unknown keys are rejected before anything is loaded.
 
 Data: JSON lines with a chat column (``messages``: a list of {role, content}; rendered with the tokenizer's chat
-template) or a text column (``text``). The loss covers every token of a sequence (prompt included).
+template) or a text column (``text``). The loss covers every token of a sequence (prompt included); padding is
+masked by position, so the end-of-turn token is trained even where it doubles as the pad token.
 
 MoE specifics handled here:
 - LoRA: attention via ``target_modules`` (q/k/v/o_proj), routed experts via ``target_parameters``
@@ -16,7 +17,8 @@ MoE specifics handled here:
 - The load-balancing and z-loss terms come from the model; under Trainer the model weights them by the
   micro-batch's share of label tokens (``num_items_in_batch``), so gradient accumulation and the number of ranks do
   not change their effective weight.
-- Trainer's FLOP count (``total_flos``) counts ACTIVE parameters (top_k / num_experts of the routed experts).
+- Trainer's FLOP count (``total_flos``) counts ACTIVE parameters (top_k / num_experts of the routed experts) and
+  real tokens only (not padding).
 - Gradient checkpointing: ``gradient_checkpointing=true`` works on transformers 5.17-5.22 and 5.23+ (where the
   option is called ``activation_checkpointing``).
 """
@@ -158,9 +160,19 @@ def tokenize_examples(ds, tokenizer, ft: FinetuneArguments, num_proc=None):
         else:
             texts = [t + (tokenizer.eos_token or "") for t in batch[ft.text_column]]
         enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=ft.max_seq_length)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": [list(ids) for ids in enc["input_ids"]]}
 
     return ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenising")
+
+
+def make_collator(tokenizer):
+    """Pads a batch and masks the padded label positions (-100). By position, not by token id: the pad token is
+    often the EOS / end-of-turn token (SmolLM2: ``<|im_end|>``), and masking it by id would drop every end of turn
+    from the loss, so the model would never learn to stop."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors="pt")
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -200,10 +212,11 @@ def apply_lora(model, ft: FinetuneArguments):
 def make_trainer_class():
     from transformers import Trainer
 
-    from .metrics import flops_per_token, parameter_counts
+    from .metrics import parameter_counts, training_flops
 
     class MoeTrainer(Trainer):
-        """Trainer whose FLOP count uses ACTIVE parameters (Trainer's own: 6 x tokens x ALL parameters)."""
+        """Trainer whose FLOP count uses ACTIVE parameters (Trainer's own: 6 x tokens x ALL parameters) and only the
+        real tokens of a padded batch, each sequence's attention by its own length."""
 
         _active = None
 
@@ -216,14 +229,16 @@ def make_trainer_class():
                 base = base.get_base_model()
             if MoeTrainer._active is None:
                 MoeTrainer._active = parameter_counts(base)["active"]
-            return int(flops_per_token(base, ids.shape[-1], MoeTrainer._active) * ids.numel())
+            mask = inputs.get("attention_mask")
+            lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[-1]] * ids[..., 0].numel()
+            return training_flops(base, lengths, MoeTrainer._active)
 
     return MoeTrainer
 
 
 # ------------------------------------------------------------------------------------------------------- run
 def run(ft: FinetuneArguments, ta) -> dict:
-    from transformers import AutoConfig, AutoTokenizer, DataCollatorForLanguageModeling
+    from transformers import AutoConfig, AutoTokenizer
 
     import upcycled_moe  # noqa: F401  (registers the model family)
 
@@ -261,7 +276,7 @@ def run(ft: FinetuneArguments, ta) -> dict:
         print(f"[upcycle-moe-finetune] {'LoRA' if ft.use_lora else 'full'} fine-tuning: {trainable / 1e6:.2f}M of "
               f"{total / 1e6:.1f}M parameters trainable; router {'trained' if ft.train_router else 'frozen'}", flush=True)
 
-    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    collator = make_collator(tokenizer)
     trainer = make_trainer_class()(model=model, args=ta, train_dataset=tokenized["train"],
                                    eval_dataset=tokenized.get("validation"), data_collator=collator,
                                    processing_class=tokenizer)
