@@ -410,7 +410,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc="training", dynamic_ncols=True)
     meter = RoutingMeter(mcfg, sparse_layers)
-    speed = Throughput()
+    speed = Throughput(accelerator.device)  # times training steps only: paused for evaluations and checkpoints
     sums = torch.zeros(4, device=accelerator.device)  # loss, lm, aux, z over micro-batches since the last log
     n_micro = 0
     last_saved = start_step
@@ -418,6 +418,7 @@ def run(cfg: PretrainConfig) -> dict:
     model.train()
     trace_path = os.path.join(cfg.output_dir, "data_trace.jsonl")
     for step in range(start_step, cfg.max_steps):
+        speed.start()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -469,8 +470,10 @@ def run(cfg: PretrainConfig) -> dict:
             metrics.log(record, step=done, lists=lists)
             bar.set_postfix(loss=f"{avg[0]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
+            speed.pause()
             metrics.log(evaluate(model, accelerator, held_out, cfg.micro_batch_size), step=done)
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+            speed.pause()
             save_checkpoint(accelerator, cfg.output_dir, done,
                             {"tokens_seen": tokens_seen, "data": order.state(done), "fingerprint": fingerprint,
                              "ppl_before": ppl_before, "world_size": world},
