@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UpcycleError
+from .errors import UpcycleError, VerificationFailed, reason, step
 from .families import dense_config_fields, is_gated
 from .methods import (
     ExpertRecipe,
@@ -114,7 +114,7 @@ def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.
             warnings.simplefilter("ignore")  # the grouped-GEMM multiple-of-8 hint is for training, not conversion
             config = UpcycledMoeConfig(**fields)
     except (ValueError, TypeError) as exc:
-        raise UpcycleError(str(exc).splitlines()[0]) from None
+        raise UpcycleError(f"invalid MoE config: {reason(exc)}") from None
     config.dtype = dtype
     config.architectures = ["UpcycledMoeForCausalLM"]
     config.auto_map = {
@@ -366,24 +366,34 @@ def _say(quiet: bool, message: str):
 def upcycle(source, output, *, quiet: bool = True, tokenizer=None, **options) -> Path:
     """Convert a dense checkpoint into an UpcycledMoe folder at `output` (streamed, atomic). Returns the path.
 
-    `options` are UpcycleOptions fields (or pass `options=UpcycleOptions(...)`). Raises UpcycleError on bad input.
+    `options` are UpcycleOptions fields (or pass `options=UpcycleOptions(...)`). Raises UpcycleError on bad input,
+    always before `output` is touched. With `verify=True`, a failed verification raises VerificationFailed after
+    the model is written (its card and config record the measurement).
     """
     opts = options.pop("options", None)
     opts = UpcycleOptions.from_dict(opts.to_dict() if opts is not None else {}, **options)
     start = time.perf_counter()
+    with step("reading the text files"):
+        texts = {name: read_text(getattr(opts, name), None) for name in ("verify_text", "calibration_text")
+                 if getattr(opts, name) is not None}
     local = Path(source).expanduser() if isinstance(source, (str, Path)) else None
     source_folder = None
     if local is not None and local.exists():
         source_folder = local if local.is_dir() else local.parent
     out = check_output(output, opts.overwrite, source_folder)
-    src = open_source(source, allow_bin=opts.allow_bin, revision=opts.revision, gguf_file=opts.gguf_file,
-                      tokenizer=tokenizer)
-    plan = plan_conversion(src, opts, tokenizer=tokenizer)
-    plan.config.upcycling = provenance(plan)
+    with step("reading the source"):
+        src = open_source(source, allow_bin=opts.allow_bin, revision=opts.revision, gguf_file=opts.gguf_file,
+                          tokenizer=tokenizer)
+    if opts.verify:
+        _check_verify_tokenizer(tokenizer or src.load_tokenizer(), texts.get("verify_text"), opts.verify_text)
+    with step("planning the conversion"):
+        plan = plan_conversion(src, opts, tokenizer=tokenizer)
+        plan.config.upcycling = provenance(plan)
     _say(quiet, f"upcycling {src.description.get('path') or src.description.get('hub_id') or 'model'} "
                 f"({src.model_type}) into {opts.num_experts} experts top-{opts.top_k}, G={opts.granularity}, "
                 f"router {opts.router}, scaling {opts.scaling}, {len(plan.tensors)} tensors")
-    with AtomicFolder(out, opts.overwrite) as tmp:
+    failed: list[str] = []
+    with step(f"writing {out}"), AtomicFolder(out, opts.overwrite) as tmp:
         done = [0]
 
         def progress(tensor_plan):
@@ -395,17 +405,30 @@ def upcycle(source, output, *, quiet: bool = True, tokenizer=None, **options) ->
         write_side_files(tmp, plan)
         results = None
         if opts.verify:
-            from .verify import format_report, verify
+            from .verify import failures, format_report, verify
 
             _say(quiet, "verifying against the dense model ...")
-            dense = src.load_dense_model(torch.float32)
-            results = verify(dense, tmp, text_path=opts.verify_text, tokenizer=src.load_tokenizer())
+            with step("verifying the MoE against the dense model"):
+                dense = src.load_dense_model(torch.float32)
+                results = verify(dense, tmp, text=texts.get("verify_text"), tokenizer=src.load_tokenizer())
             _say(quiet, format_report(results))
+            failed = failures(results, require_greedy_match=opts.function_preserving)
             plan.config.upcycling["verify"] = results
             plan.config.save_pretrained(tmp)
         write_model_card(tmp, plan, results)
     _say(quiet, f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    if failed:
+        raise VerificationFailed(f"verify failed: {'; '.join(failed)} (the model was written to {out}; its card "
+                                 "records the measurement)")
     return out
+
+
+def _check_verify_tokenizer(tokenizer, text: str | None, path) -> None:
+    """--verify can run: a tokenizer, and a text long enough; checked before the conversion rather than after it."""
+    if tokenizer is None:
+        raise UpcycleError("--verify needs the source's tokenizer, and none was found next to the weights")
+    if text is not None and len(tokenizer(text, add_special_tokens=False).input_ids) < 2:
+        raise UpcycleError(f"the verification text {str(path)!r} is too short: it needs at least 2 tokens")
 
 
 def write_side_files(folder: Path, plan: ConversionPlan) -> None:

@@ -13,7 +13,6 @@ without a shared expert, its width is 0 (it contributes exactly 0).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import UpcycleError
-from .sources import TOKENIZER_FILES, SafetensorsFile
+from .sources import TOKENIZER_FILES, SafetensorsFile, read_json
 from .writer import AtomicFolder, TensorPlan, check_output, write_sharded
 
 TARGETS = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -32,9 +31,9 @@ class MoeCheckpoint:
 
     def __init__(self, folder):
         self.folder = Path(folder).expanduser().resolve()
-        if not (self.folder / "config.json").is_file():
+        if not (self.folder / "config.json").exists():
             raise UpcycleError(f"{self.folder} is not a model folder (no config.json)")
-        raw = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        raw = read_json(self.folder / "config.json", "config")
         if raw.get("model_type") != "upcycled_moe":
             raise UpcycleError(f"{self.folder} is a {raw.get('model_type')!r} model, not an upcycled_moe one")
         from ..configuration_upcycled_moe import UpcycledMoeConfig
@@ -42,7 +41,7 @@ class MoeCheckpoint:
         self.config = UpcycledMoeConfig.from_pretrained(self.folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            files = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            files = dict.fromkeys(read_json(index, "weights index")["weight_map"].values())
             paths = [self.folder / f for f in files]
         elif (self.folder / "model.safetensors").is_file():
             paths = [self.folder / "model.safetensors"]

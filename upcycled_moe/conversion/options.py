@@ -7,12 +7,13 @@ refused with the list of known ones, so a typo never silently falls back to a de
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UpcycleError
+from .errors import UpcycleError, describe_os_error, finite_number, reason, regular_file
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
 SCALINGS = ("exact", "paper", "calibrated", "none")
@@ -108,12 +109,15 @@ class UpcycleOptions:
         import yaml
 
         path = Path(path)
-        if not path.is_file():
-            raise UpcycleError(f"options file {str(path)!r} does not exist")
+        regular_file(path, "options file")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UpcycleError(f"options file {str(path)!r} is not valid UTF-8 (byte {exc.start}): save it as UTF-8") from None
         except yaml.YAMLError as exc:
-            raise UpcycleError(f"options file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UpcycleError(f"options file {str(path)!r} is not valid YAML: {reason(exc)}") from None
+        except OSError as exc:
+            raise UpcycleError(f"cannot read the options file: {describe_os_error(exc)}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -140,8 +144,10 @@ class UpcycleOptions:
 
         def number(name, low, high, low_open=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"{name} must be a number, got {value!r}")
+            try:
+                finite_number(value, name)
+            except UpcycleError as exc:
+                problems.append(str(exc))
                 return
             if value < low or value > high or (low_open and value == low):
                 bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
@@ -193,6 +199,10 @@ class UpcycleOptions:
                 problems.append(f"{name} must be a string, got {value!r}")
         if not isinstance(self.extra_config, dict):
             problems.append("extra_config must be a mapping of UpcycledMoeConfig fields to values")
+        else:
+            for key, value in self.extra_config.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    problems.append(f"extra_config.{key} must be a finite number, got {value!r}")
         if problems:
             raise UpcycleError("invalid options: " + "; ".join(problems))
 
@@ -206,6 +216,12 @@ class UpcycleOptions:
         layers = self.resolve_moe_layers(num_layers)
         if not layers:
             raise UpcycleError(f"moe_layers={self.moe_layers!r} selects no layer of the {num_layers}-layer source")
+
+    @property
+    def function_preserving(self) -> bool:
+        """Whether the MoE is meant to give the dense model's outputs (so `--verify` requires equal greedy text).
+        Drop-Upcycling, noise, the paper's equal split, calibrated or no scaling change the function on purpose."""
+        return self.scaling == "exact" and self.drop_ratio == 0 and self.noise_std == 0
 
     @property
     def num_groups(self) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UpcycleError
+from .errors import UpcycleError, describe_os_error, regular_file
 
 
 def _topics(parity: int) -> str:
@@ -32,9 +32,13 @@ def read_text(path: str | None, default) -> str:
     if path is None:
         return default()
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise UpcycleError(f"text file {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    regular_file(p, "text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise UpcycleError(f"cannot read the text file: {describe_os_error(exc)}") from None
     if not text.strip():
         raise UpcycleError(f"text file {str(p)!r} is empty")
     return text

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UpcycleError
+from .errors import UpcycleError, describe_os_error, reason, regular_file
 from .families import GGUF_ARCHITECTURES, SUPPORTED_FAMILIES, check_supported
 
 SAFETENSORS_DTYPES = {
@@ -64,15 +64,19 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        regular_file(self.path, "weight file")
         size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise UpcycleError(f"{self.path} is not a safetensors file (truncated: {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise UpcycleError(f"{self.path} is corrupt or truncated (header length {n}, file size {size})")
-            raw = f.read(n)
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise UpcycleError(f"{self.path} is not a safetensors file (truncated: {size} bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise UpcycleError(f"{self.path} is corrupt or truncated (header length {n}, file size {size})")
+                raw = f.read(n)
+        except OSError as exc:
+            raise UpcycleError(f"cannot read the weights: {describe_os_error(exc)}") from None
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -114,9 +118,12 @@ class SafetensorsFile:
         out = torch.empty(shape, dtype=dtype)
         buffer = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
         if buffer is not None:
-            with open(self.path, "rb") as f:
-                f.seek(self.data_start + start)
-                got = f.readinto(memoryview(buffer))
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self.data_start + start)
+                    got = f.readinto(memoryview(buffer))
+            except OSError as exc:
+                raise UpcycleError(f"cannot read the weights: {describe_os_error(exc)}") from None
             if got != end - start:
                 raise UpcycleError(f"{self.path} is truncated: could not read tensor {name!r}")
         return out
@@ -251,7 +258,7 @@ class BinSource(SafetensorsSource):
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # noqa: BLE001
-                raise UpcycleError(f"cannot read {path}: {exc}".splitlines()[0]) from None
+                raise UpcycleError(f"cannot read {path}: {reason(exc)}") from None
             self._loaded = (path, sd)
         return self._loaded[1]
 
@@ -331,14 +338,24 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def read_json(path: Path, what: str):
+    """A JSON file that must be regular, readable, UTF-8 and valid JSON; else one line saying which and why."""
+    regular_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"{what} {path} is not valid UTF-8 (byte {exc.start}): the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise UpcycleError(f"{what} {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise UpcycleError(f"cannot read the {what}: {describe_os_error(exc)}") from None
+
+
 def read_config_json(folder: Path) -> dict:
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise UpcycleError(f"{folder} has no config.json: not a Hugging Face model folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UpcycleError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(path, "config")
     if not isinstance(data, dict):
         raise UpcycleError(f"{path} does not hold a JSON object")
     return data
@@ -353,7 +370,7 @@ def family_config(raw: dict):
     try:
         return AutoConfig.for_model(model_type, **raw)
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise various types
-        raise UpcycleError(f"invalid {model_type} config: {str(exc).splitlines()[0]}") from None
+        raise UpcycleError(f"invalid {model_type} config: {reason(exc)}") from None
 
 
 def weight_files(folder: Path, allow_bin: bool) -> tuple[str, list[Path]]:
@@ -361,8 +378,8 @@ def weight_files(folder: Path, allow_bin: bool) -> tuple[str, list[Path]]:
 
     def from_index(index_path: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = read_json(index_path, "weights index")["weight_map"]
+        except (KeyError, TypeError):
             raise UpcycleError(f"{index_path} is not a valid weights index (no weight_map)") from None
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
@@ -402,7 +419,7 @@ def open_source(source, *, allow_bin: bool = False, revision: str | None = None,
     path = Path(text).expanduser()
     if path.exists():
         path = path.resolve()
-        if path.is_file():
+        if not path.is_dir():
             if path.suffix == ".gguf":
                 return gguf_source(path.parent, path.name)
             raise UpcycleError(f"{path} is a file; SOURCE must be a model folder, a .gguf file or a Hub id")
@@ -414,9 +431,17 @@ def open_source(source, *, allow_bin: bool = False, revision: str | None = None,
         return folder_source(path, kind, files, {"path": str(path)})
     if text.lower() in EMBEDDED:
         return embedded_source(text.lower())
-    if HUB_ID.match(text) and not text.startswith((".", "~")):
+    if is_hub_id(text):
         return hub_source(text, revision=revision, allow_bin=allow_bin)
-    raise UpcycleError(f"source {text!r} does not exist (expected a model folder, a .gguf file or a Hub id owner/name)")
+    raise UpcycleError(f"source {text!r} does not exist: no such folder or file (a Hub id is written owner/name)")
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name` that cannot be a mistyped local path: anything path-like ("./x", "../x", "/x", "~/x", "a/b/c",
+    "x/" or "models/x" where ./models exists) is a missing folder, never sent to the Hub (which would retry it)."""
+    if not HUB_ID.match(text) or text.startswith((".", "~", "/")) or "\\" in text:
+        return False
+    return not Path(text.split("/", 1)[0]).exists()
 
 
 def folder_source(folder: Path, kind: str, files: list[Path], description: dict) -> DenseSource:
@@ -456,9 +481,8 @@ def hub_source(repo_id: str, *, revision: str | None, allow_bin: bool) -> DenseS
     try:
         local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - network, offline mode, missing repo, auth: all user-facing
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UpcycleError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason(exc)}); "
             "if you are offline, download it where there is a connection and pass the local folder instead"
         ) from None
     kind, files = weight_files(local, allow_bin)
@@ -478,7 +502,7 @@ def gguf_architecture(path: Path) -> str:
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as exc:  # noqa: BLE001
-        raise UpcycleError(f"{path} is not a readable GGUF file: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise UpcycleError(f"{path} is not a readable GGUF file: {reason(exc)}") from None
 
 
 def gguf_source(folder: Path, name: str) -> DenseSource:
@@ -486,8 +510,7 @@ def gguf_source(folder: Path, name: str) -> DenseSource:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = folder / name
-    if not path.is_file():
-        raise UpcycleError(f"GGUF file {path} does not exist")
+    regular_file(path, "GGUF file")
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
         raise UpcycleError(
@@ -497,7 +520,7 @@ def gguf_source(folder: Path, name: str) -> DenseSource:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001
-        raise UpcycleError(f"transformers could not load {path}: {str(exc).splitlines()[0]}") from None
+        raise UpcycleError(f"transformers could not load {path}: {reason(exc)}") from None
     model = plain_model(loaded)
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -11,35 +11,68 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import UpcycleError
+from .errors import UpcycleError, reason
 from .sample_text import heldout_text, read_text
 
 CHAT_PROMPT = "What is the capital of France?"
+
+
+def check_moe_folder(moe) -> dict:
+    """The config of an UpcycledMoe folder, every weight file's header checked, before transformers loads it (a
+    dense folder would otherwise load with random experts, a damaged file end in a safetensors traceback)."""
+    from .sources import SafetensorsFile, read_config_json, weight_files
+
+    path = Path(moe).expanduser()
+    if not path.is_dir():
+        raise UpcycleError(f"MOE {str(moe)!r}: no such folder (expected a folder written by `upcycle-moe convert`)")
+    config = read_config_json(path)
+    if config.get("model_type") != "upcycled_moe":
+        raise UpcycleError(f"MOE {path} is a {config.get('model_type')!r} model, not an upcycled_moe one: pass the "
+                           "folder written by `upcycle-moe convert` (the dense model is the first argument)")
+    kind, files = weight_files(path, allow_bin=False)
+    if kind != "safetensors":
+        raise UpcycleError(f"MOE {path} has no safetensors weights")
+    for file in files:
+        SafetensorsFile(file)
+    return config
 
 
 def load_moe(moe, dtype=torch.float32):
     """An UpcycledMoe model from a folder (through the installed package) or as given."""
     if isinstance(moe, torch.nn.Module):
         return moe
+    check_moe_folder(moe)
     path = Path(moe).expanduser()
-    if not (path / "config.json").is_file():
-        raise UpcycleError(f"{path} is not an UpcycledMoe folder (no config.json)")
     from .. import UpcycledMoeForCausalLM
 
     try:
         return UpcycledMoeForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    except (OSError, ValueError) as exc:
-        raise UpcycleError(f"cannot load the MoE from {path}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - transformers / safetensors / huggingface_hub validation errors
+        raise UpcycleError(f"cannot load the MoE from {path}: {type(exc).__name__}: {reason(exc)}") from None
+
+
+def check_same_vocabulary(dense_config, moe_config) -> None:
+    dense_vocab = getattr(dense_config, "vocab_size", None)
+    moe_vocab = moe_config.get("vocab_size") if isinstance(moe_config, dict) else moe_config.vocab_size
+    if dense_vocab != moe_vocab:
+        raise UpcycleError(f"the dense model's vocabulary ({dense_vocab} tokens) differs from the MoE's ({moe_vocab}):"
+                           " the MoE was not upcycled from this dense model")
 
 
 def load_dense(dense, dtype=torch.float32, allow_bin=False):
     """(model, tokenizer) for any dense SOURCE (folder, GGUF, Hub id) or a model."""
-    from .sources import open_source
+    from .sources import DenseSource, open_source
 
     if isinstance(dense, torch.nn.Module):
         return dense, None
-    source = open_source(dense, allow_bin=allow_bin)
-    return source.load_dense_model(dtype).eval(), source.load_tokenizer()
+    source = dense if isinstance(dense, DenseSource) else open_source(dense, allow_bin=allow_bin)
+    try:
+        model = source.load_dense_model(dtype).eval()
+    except UpcycleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers / safetensors errors on a checkpoint our checks passed
+        raise UpcycleError(f"transformers cannot load the dense model: {type(exc).__name__}: {reason(exc)}") from None
+    return model, source.load_tokenizer()
 
 
 def _load_tokenizer(path):
@@ -101,19 +134,30 @@ def greedy(model, prompt_ids: torch.Tensor, tokens: int, use_cache: bool = True)
 def verify(dense, moe, *, text: str | None = None, text_path: str | None = None, max_tokens: int = 1024,
            seq_len: int = 512, generate_tokens: int = 30, prompt: str | None = None, tokenizer=None,
            dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> dict:
-    """Compare a dense model and its MoE on real held-out text. Both may be paths or loaded models."""
-    dense_model, dense_tokenizer = load_dense(dense, dtype, allow_bin=allow_bin)
+    """Compare a dense model and its MoE on real held-out text. Both may be paths or loaded models.
+    Everything that can be checked without loading a model is checked first."""
+    for name, value, minimum in (("max_tokens", max_tokens, 2), ("seq_len", seq_len, 2),
+                                 ("generate_tokens", generate_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UpcycleError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+    if text is None:
+        text = read_text(text_path, heldout_text)
+    moe_config = moe.config if isinstance(moe, torch.nn.Module) else check_moe_folder(moe)
+    from .sources import open_source
+
+    source = None if isinstance(dense, torch.nn.Module) else open_source(dense, allow_bin=allow_bin)
+    check_same_vocabulary(dense.config if source is None else source.config, moe_config)
+    dense_model, dense_tokenizer = load_dense(dense if source is None else source, dtype)
     moe_model = load_moe(moe, dtype)
     tokenizer = tokenizer or dense_tokenizer
     if tokenizer is None and not isinstance(moe, torch.nn.Module):
         tokenizer = _load_tokenizer(moe)
     if tokenizer is None:
         raise UpcycleError("verify needs a tokenizer (none found with the dense model or the MoE)")
-    if text is None:
-        text = read_text(text_path, heldout_text)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :max_tokens]
     if ids.shape[1] < 2:
-        raise UpcycleError("the verification text is too short")
+        raise UpcycleError(f"the verification text{' ' + repr(str(text_path)) if text_path else ''} is too short: "
+                           "it needs at least 2 tokens")
     batches = [ids[:, i : i + seq_len] for i in range(0, ids.shape[1], seq_len) if ids[:, i : i + seq_len].shape[1] > 1]
     results = compare_logits(dense_model, moe_model, batches)
     results["ppl_ratio"] = results["ppl_moe"] / results["ppl_dense"]
@@ -131,6 +175,23 @@ def verify(dense, moe, *, text: str | None = None, text_path: str | None = None,
         dtype=str(dtype).replace("torch.", ""),
     )
     return results
+
+
+def failures(r: dict, require_greedy_match: bool = True, max_logit_diff: float | None = None,
+             max_ppl_increase: float | None = None) -> list[str]:
+    """Why a verification failed (empty: it passed). A cached generation that differs from the uncached one is
+    always a failure (a KV-cache bug); different greedy text is one unless the conversion changes the function on
+    purpose (Drop-Upcycling, noise, paper/calibrated/no scaling), which the caller says."""
+    failed = []
+    if not r["cache_consistent"]:
+        failed.append("the MoE's cached generation differs from its uncached one (a KV-cache bug)")
+    if require_greedy_match and not r["greedy_match"]:
+        failed.append(f"the MoE's greedy {r['generated_tokens']} tokens differ from the dense model's")
+    if max_logit_diff is not None and not r["max_abs_logit_diff"] <= max_logit_diff:
+        failed.append(f"max |delta logit| {r['max_abs_logit_diff']:.3g} > {max_logit_diff}")
+    if max_ppl_increase is not None and not r["ppl_ratio"] - 1 <= max_ppl_increase:
+        failed.append(f"perplexity +{100 * (r['ppl_ratio'] - 1):.2f} % > {100 * max_ppl_increase:.2f} %")
+    return failed
 
 
 def format_report(r: dict) -> str:

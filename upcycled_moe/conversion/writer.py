@@ -56,13 +56,17 @@ class TensorPlan:
 
 
 def _chunks(plan: TensorPlan):
-    """The plan's chunks, checked for dtype and total size (a wrong producer is a bug, caught before it lands)."""
+    """The plan's chunks, checked for dtype and total size (a wrong producer is a bug, caught before it lands) and
+    for NaN/inf (a same-size corruption of the source's data bytes passes every header check)."""
     rows = 0
     for chunk in plan.produce():
         if chunk.dtype != plan.dtype:
             chunk = chunk.to(plan.dtype)
         if tuple(chunk.shape[1:]) != tuple(plan.shape[1:]):
             raise RuntimeError(f"{plan.name}: chunk shape {tuple(chunk.shape)} does not fit {plan.shape}")
+        if chunk.is_floating_point() and not torch.isfinite(chunk).all():
+            raise UpcycleError(f"{plan.name} would hold NaN or inf values: the source weights it is built from are "
+                               "corrupt (a damaged or wrongly converted checkpoint)")
         rows += chunk.shape[0] if chunk.dim() else 1
         yield chunk.contiguous()
     expected = plan.shape[0] if plan.shape else 1
@@ -154,8 +158,23 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_output(output, overwrite: bool, source_folder: Path | None = None) -> Path:
-    """Refuse an output that would clobber data or the source; called before any weight is read."""
-    out = Path(output).expanduser().resolve()
+    """Refuse an output that would clobber data the user did not name, or the source; called before any weight is
+    read. With --overwrite only the named folder itself is ever replaced: never the folder a symlink points to,
+    never the current or home directory or one that holds them ("" from an unset shell variable is "."), never
+    the source or a folder that holds it."""
+    text = os.fspath(output) if isinstance(output, (str, os.PathLike)) else None
+    if text is None or not text.strip():
+        raise UpcycleError(f"the output path is empty ({output!r}): name the folder to write (an unset shell variable?)")
+    named = Path(text).expanduser()
+    if named.is_symlink():
+        raise UpcycleError(f"output {text!r} is a symbolic link (to {os.readlink(named)!r}): name the real folder, "
+                           "or remove the link")
+    out = named.resolve()
+    protected = {"root": Path("/"), "home": Path.home(), "current": Path.cwd()}  # the widest first
+    for label, folder in protected.items():
+        if _inside(folder.resolve(), out):
+            raise UpcycleError(f"output {text!r} is or holds the {label} folder {folder.resolve()}: "
+                               "name a dedicated output folder")
     if source_folder is not None:
         src = Path(source_folder).resolve()
         if _inside(out, src):
@@ -164,18 +183,23 @@ def check_output(output, overwrite: bool, source_folder: Path | None = None) -> 
             raise UpcycleError(f"the source {src} is inside the output {out}: choose another output folder")
     if out.exists():
         if not out.is_dir():
-            raise UpcycleError(f"output {out} exists and is a file")
+            raise UpcycleError(f"output {out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise UpcycleError(f"output {out} exists and is not empty: pass --overwrite to replace it")
-    if not out.parent.exists():
+    if not out.parent.is_dir():
         raise UpcycleError(f"the parent folder of the output, {out.parent}, does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UpcycleError(f"cannot write into {out.parent} (permission denied): choose a writable output folder")
     return out
 
 
 class AtomicFolder:
-    """Write into a temporary sibling folder; rename it to `output` only when everything succeeded.
+    """Write into a temporary sibling folder; put it in place of `output` only once everything succeeded.
 
-    On any failure the temporary folder is removed and `output` is left as it was (absent, or the old content).
+    On any failure (an exception, Ctrl-C, SIGTERM through the CLI's handler) the temporary folder is removed and
+    `output` is left as it was (absent, or the old content). Replacing an existing output is three renames on the
+    same file system: the old folder is renamed away, the new one renamed in, and only then is the old one deleted;
+    if the second rename fails, the old folder is renamed back.
     """
 
     def __init__(self, output: Path, overwrite: bool):
@@ -189,23 +213,39 @@ class AtomicFolder:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.discard()
             return False
-        self.commit()
+        try:
+            self.commit()
+        except BaseException:
+            self.discard()
+            raise
         return False
 
+    def discard(self):
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
     def commit(self):
+        if self.output.is_symlink():
+            raise UpcycleError(f"output {self.output} became a symbolic link while converting: nothing was replaced")
         old = None
         if self.output.exists():
             if any(self.output.iterdir()):
                 if not self.overwrite:  # appeared while we were converting
-                    shutil.rmtree(self.tmp, ignore_errors=True)
                     raise UpcycleError(f"output {self.output} appeared and is not empty: pass --overwrite")
                 old = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.old-", dir=self.output.parent))
-                os.replace(self.output, old / "x")
+                os.replace(self.output, old / "previous")
             else:
                 self.output.rmdir()
         os.chmod(self.tmp, 0o755)
-        os.replace(self.tmp, self.output)
+        try:
+            os.replace(self.tmp, self.output)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "previous", self.output)
+                old.rmdir()
+            raise
+        self.tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
