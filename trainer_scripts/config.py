@@ -7,6 +7,7 @@ Errors are :class:`ConfigError` with one line per problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -19,6 +20,72 @@ import yaml
 
 class ConfigError(ValueError):
     """A problem with the options or the inputs they name, found before heavy work."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception's whole message on one line: libraries put the reason on later lines, so keep them all."""
+    text = str(error) if not isinstance(error, str) else error
+    return " ".join(text.split()) or type(error).__name__
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks remove temporary folders."""
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line for an error that no check of ours anticipated (OS, libraries): what and where."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno is not None:
+        where = " ".join(str(f) for f in (e.filename, e.filename2) if f) or "(no file named)"
+        if e.errno == errno.ENOSPC:
+            return f"no space left on the device while writing {where}: free space or write elsewhere"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"permission denied: {where} ({e.strerror}); fix its permissions or use another path"
+        return f"{e.strerror or type(e).__name__}: {where}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not valid UTF-8 text ({one_line(e)}); save it as UTF-8"
+    return f"{type(e).__name__}: {one_line(e)} (run with UPCYCLED_MOE_DEBUG=1 for the traceback)"
+
+
+def run_cli(prog: str, body) -> None:
+    """Run a command's ``body()`` so that every failure ends in ONE ``prog: error: ...`` line on stderr and exit
+    status 2, SIGTERM included. ``UPCYCLED_MOE_DEBUG=1`` re-raises unexpected errors with their traceback."""
+    import signal
+    import threading
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    message = None
+    try:
+        body()
+    except ConfigError as e:
+        message = str(e)
+    except Terminated:
+        message = "stopped by SIGTERM; checkpoints written so far are whole (continue with --resume)"
+    except KeyboardInterrupt:
+        message = "interrupted; checkpoints written so far are whole (continue with --resume)"
+    except Exception as e:
+        if os.environ.get("UPCYCLED_MOE_DEBUG") == "1":
+            raise
+        message = describe_exception(e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    if message is not None:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def check_finite(name: str, value: float) -> float:
+    """The one NaN/inf check of every float option: NaN passes every `<`/`>` comparison, so range checks cannot
+    catch it."""
+    if not math.isfinite(value):
+        raise ConfigError(f"option {name!r} must be a finite number, got {value!r}")
+    return value
 
 
 def _strip_optional(tp):
@@ -55,16 +122,17 @@ def _coerce(name: str, value: Any, tp) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"option {name!r} must be an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"option {name!r} must be an integer, got {value!r}")
         return int(as_float)
     if base is float:
         if isinstance(value, bool):
             raise ConfigError(f"option {name!r} must be a number, got {value!r}")
         try:
-            return float(value)  # also accepts "1e-4", which YAML 1.1 reads as a string
+            number = float(value)  # also accepts "1e-4", which YAML 1.1 reads as a string
         except (TypeError, ValueError):
             raise ConfigError(f"option {name!r} must be a number, got {value!r}") from None
+        return check_finite(name, number)
     if base is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"option {name!r} must be a string, got {value!r}")
@@ -78,11 +146,26 @@ def _coerce(name: str, value: Any, tp) -> Any:
         return [_coerce(f"{name}[]", v, item_tp) for v in value]
     if origin is dict or base is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"option {name!r} is not a valid YAML mapping: {one_line(e)}") from None
         if not isinstance(value, dict):
             raise ConfigError(f"option {name!r} must be a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def non_finite_options(*option_objects) -> list[str]:
+    """``name must be a finite number`` for every NaN/inf float field of the given dataclasses (also catches values
+    set in code or by a library, which ``_coerce`` never saw)."""
+    problems = []
+    for obj in option_objects:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{f.name} must be a finite number, got {value}")
+    return problems
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -121,20 +204,27 @@ def build_config(cls, argv: list[str] | None = None):
         print(describe(cls))
         raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)
-    values: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {config_file} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {e}".replace("\n", " ")) from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config_file} must hold a mapping of option: value")
-        values.update(loaded)
+    values = read_config_file(config_file) if config_file else {}
     values.update(overrides)
     return from_dict(cls, values)
+
+
+def read_config_file(config_file: str) -> dict[str, Any]:
+    """The option: value mapping of a YAML file; ConfigError for a missing, unreadable, non-UTF-8 or invalid file."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {config_file} is not valid YAML: {one_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {config_file} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file {config_file} cannot be read: {e.strerror or one_line(e)}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {config_file} must hold a mapping of option: value")
+    return loaded
 
 
 def from_dict(cls, values: dict[str, Any]):
@@ -296,7 +386,9 @@ class PretrainConfig:
         return self.resume is not None and str(self.resume).lower() not in ("false", "no", "0", "")
 
     def validate(self) -> None:
-        problems = []
+        problems = non_finite_options(self)
+        if problems:  # NaN slips through every range check below
+            raise ConfigError("; ".join(problems))
         if not self.model_name_or_path:
             problems.append("model_name_or_path is required")
         if not self.output_dir:

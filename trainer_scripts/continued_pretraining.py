@@ -25,8 +25,10 @@ from .checkpointing import (
     clear_output_dir,
     prepare_output_dir,
     save_checkpoint,
+    staged_files,
+    write_json_atomic,
 )
-from .config import ConfigError, PretrainConfig, build_config, to_dict
+from .config import ConfigError, PretrainConfig, build_config, one_line, run_cli, to_dict
 from .data import BlockOrder, Layout, StreamingBlocks, eval_blocks, load_documents, text_separator, tokenize_and_pack
 from .metrics import (
     MetricsLog,
@@ -36,6 +38,7 @@ from .metrics import (
     flops_per_token,
     parameter_counts,
     plot_run,
+    read_jsonl,
     routing_scalars,
     truncate_jsonl,
 )
@@ -73,7 +76,7 @@ def read_model_config(cfg: PretrainConfig):
     try:
         mc = AutoConfig.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model_name_or_path: cannot read a model config from {src!r}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"model_name_or_path: cannot read a model config from {src!r}: {one_line(e)}") from None
     is_moe = isinstance(mc, UpcycledMoeConfig)
     if is_moe and cfg.upcycling is not None:
         raise ConfigError(f"{src} is already an UpcycledMoe model: drop the upcycling options")
@@ -123,17 +126,37 @@ def check_dgs(cfg: PretrainConfig, accelerator) -> None:
                           f"with {accelerator.num_processes} process(es)")
 
 
-def register_dgs(accelerator, model, cfg: PretrainConfig):
-    """Called right after ``accelerator.prepare`` (``model`` is the DDP module) and before any ``load_state``:
-    the hook state is checkpointed with the run, so a resume continues the same momentum exactly."""
+def register_dgs(model, cfg: PretrainConfig):
+    """Called right after ``accelerator.prepare`` (``model`` is the DDP module). The hook state is saved with each
+    checkpoint (``save_dgs``) as safetensors + JSON, not through accelerate's ``register_for_checkpointing``
+    (a pickle read back with ``weights_only=False``)."""
     if cfg.dgs_density is None:
         return None
     from upcycled_moe.dgs import register_dgs as register_dgs_hook
 
-    state = register_dgs_hook(model, density=cfg.dgs_density, start_step=cfg.dgs_start_step,
-                              momentum=cfg.dgs_momentum, weight_decay=cfg.dgs_weight_decay)
-    accelerator.register_for_checkpointing(state)
-    return state
+    return register_dgs_hook(model, density=cfg.dgs_density, start_step=cfg.dgs_start_step,
+                             momentum=cfg.dgs_momentum, weight_decay=cfg.dgs_weight_decay)
+
+
+def save_dgs(accelerator, state, folder: str) -> None:
+    """Every process calls this (``state_dict`` gathers the per-rank velocities); the main process writes."""
+    from upcycled_moe.dgs import save_state_files
+
+    sd = state.state_dict()
+    if accelerator.is_main_process:
+        save_state_files(sd, folder)
+
+
+def load_dgs(state, folder: str) -> None:
+    from upcycled_moe.dgs import STATE_JSON, load_state_files
+
+    if not os.path.isfile(os.path.join(folder, STATE_JSON)):
+        raise ConfigError(f"resume: checkpoint {folder} holds no {STATE_JSON} (written by an older version, or "
+                          "not a DGS run); resume it without dgs_density or start a new run")
+    try:
+        state.load_state_dict(load_state_files(folder))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"resume: the DGS state in {folder} cannot be restored: {one_line(e)}") from None
 
 
 def load_tokenizer(cfg: PretrainConfig):
@@ -144,10 +167,27 @@ def load_tokenizer(cfg: PretrainConfig):
     try:
         return AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {src!r}: {str(e).splitlines()[0]}; set tokenizer_name_or_path") from None
+        raise ConfigError(f"cannot load a tokenizer from {src!r}: {one_line(e)}; set tokenizer_name_or_path") from None
 
 
 def load_model(cfg: PretrainConfig, is_moe: bool):
+    """The model, float32; ConfigError for weights that cannot be loaded (corrupt safetensors, a wrong kernel
+    name, invalid config overrides)."""
+    try:
+        return _load_model(cfg, is_moe)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, ImportError) as e:
+        raise ConfigError(f"model_name_or_path: cannot load the model from {cfg.model_name_or_path}: "
+                          f"{type(e).__name__}: {one_line(e)}") from None
+    except Exception as e:  # safetensors' SafetensorError and other library-specific errors
+        if "safetensor" not in type(e).__name__.lower() and "Hub" not in type(e).__name__:
+            raise
+        raise ConfigError(f"model_name_or_path: cannot load the weights of {cfg.model_name_or_path}: "
+                          f"{type(e).__name__}: {one_line(e)} (a corrupt or truncated file?)") from None
+
+
+def _load_model(cfg: PretrainConfig, is_moe: bool):
     from upcycled_moe import UpcycledMoeForCausalLM
 
     kwargs = {}
@@ -324,7 +364,7 @@ def run(cfg: PretrainConfig) -> dict:
     check_dgs(cfg, accelerator)
     fingerprint = {k: v for k, v in to_dict(cfg).items() if k in FINGERPRINT_KEYS}
     fingerprint["micro_batch_size_x_accumulation_x_processes"] = layout.global_batch
-    resume_state = prepare_output_dir(cfg, fingerprint)
+    resume_state = prepare_output_dir(cfg, fingerprint, input_paths(cfg))
     train_docs, val_docs = load_documents(cfg)
     tokenizer = load_tokenizer(cfg)
     if model_config.vocab_size < len(tokenizer):
@@ -333,10 +373,9 @@ def run(cfg: PretrainConfig) -> dict:
     # --- data: tokenise + pack (cached; main process first so the others read its cache)
     separator = text_separator(cfg)
     with accelerator.main_process_first():
-        train_blocks = tokenize_and_pack(train_docs, tokenizer, cfg.block_size, cfg.text_column, separator,
-                                         cfg.preprocessing_num_workers, "training data")
-        val_blocks = tokenize_and_pack(val_docs, tokenizer, cfg.block_size, cfg.text_column, separator,
-                                       cfg.preprocessing_num_workers, "held-out data")
+        train_blocks = pack(train_docs, tokenizer, cfg, separator, "training data", cfg.train_files or cfg.dataset_name)
+        val_blocks = pack(val_docs, tokenizer, cfg, separator, "held-out data",
+                          cfg.validation_files or cfg.train_files or cfg.dataset_name)
     held_out = eval_blocks(val_blocks, cfg.max_eval_blocks)
     if held_out.shape[0] < world:
         raise ConfigError(f"the held-out data packs into {held_out.shape[0]} blocks, fewer than the {world} processes")
@@ -347,7 +386,23 @@ def run(cfg: PretrainConfig) -> dict:
     if resume_state:
         order.load_state(resume_state["data"], resume_state["step"])
 
-    # --- inputs are good: claim the output folder
+    # --- model, optimizer, parallelism (the last inputs that can be wrong: weights, kernels, config overrides)
+    set_seed(cfg.seed)
+    model = load_model(cfg, is_moe)
+    counts = parameter_counts(model)
+    sparse_layers = model.config.sparse_layer_indices
+    fpt = flops_per_token(model, cfg.block_size, counts["active"])
+    optimizer, fused = build_optimizer(model, cfg, accelerator.device)
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # no prepared DataLoader to infer it from
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    dgs_state = register_dgs(model, cfg)
+    unwrapped = accelerator.unwrap_model(model)
+    mcfg = unwrapped.config
+    peak = cfg.peak_tflops or detect_peak_tflops(accelerator.device)
+
+    # --- every input is good: only now claim (and, with overwrite_output_dir, clear) the output folder
     accelerator.wait_for_everyone()
     if main:
         if cfg.overwrite_output_dir and not resume_state and os.path.isdir(cfg.output_dir):
@@ -359,29 +414,18 @@ def run(cfg: PretrainConfig) -> dict:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     accelerator.wait_for_everyone()
 
-    # --- model, optimizer, parallelism
-    set_seed(cfg.seed)
-    model = load_model(cfg, is_moe)
-    counts = parameter_counts(model)
-    sparse_layers = model.config.sparse_layer_indices
-    fpt = flops_per_token(model, cfg.block_size, counts["active"])
-    optimizer, fused = build_optimizer(model, cfg, accelerator.device)
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is not None:  # no prepared DataLoader to infer it from
-        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    model, optimizer = accelerator.prepare(model, optimizer)
-    dgs_state = register_dgs(accelerator, model, cfg)
-    unwrapped = accelerator.unwrap_model(model)
-    mcfg = unwrapped.config
-    peak = cfg.peak_tflops or detect_peak_tflops(accelerator.device)
-
     start_step, tokens_seen = 0, 0
     metrics = MetricsLog(accelerator, cfg.output_dir)
+    meter = RoutingMeter(mcfg, sparse_layers)
+    window = LogWindow(accelerator.device)
     if resume_state:
         accelerator.load_state(resume_state["path"])
+        if dgs_state is not None:
+            load_dgs(dgs_state, resume_state["path"])
         start_step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
-        metrics.truncate_after(start_step)
+        window.load_state(resume_state.get("log_window"), meter, main)
         if main:
+            keep_logged_records(metrics.path, resume_state.get("metrics_records"), start_step)
             truncate_jsonl(os.path.join(cfg.output_dir, "data_trace.jsonl"), start_step)
     if log_with:
         accelerator.init_trackers(cfg.run_name, config=flat_hparams(cfg))
@@ -409,10 +453,7 @@ def run(cfg: PretrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not main, desc="training", dynamic_ncols=True)
-    meter = RoutingMeter(mcfg, sparse_layers)
     speed = Throughput(accelerator.device)  # times training steps only: paused for evaluations and checkpoints
-    sums = torch.zeros(4, device=accelerator.device)  # loss, lm, aux, z over micro-batches since the last log
-    n_micro = 0
     last_saved = start_step
     grad_norm = torch.tensor(float("nan"))
     model.train()
@@ -429,16 +470,15 @@ def run(cfg: PretrainConfig) -> dict:
             with accelerator.accumulate(model):
                 out = model(input_ids=x, labels=x, output_router_logits=True)
                 accelerator.backward(out.loss)
-                # with DGS the gradient is the hook's sparse momentum update: clipping it would change the algorithm
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0 and dgs_state is None:
+                # under DGS .grad holds the averaged sparse update (the hook's output): that is what is clipped
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             lm = lm_loss_of(out, mcfg)
             aux = out.aux_loss.detach().float() if out.aux_loss is not None else torch.zeros((), device=lm.device)
             z = out.z_loss.detach().float() if getattr(out, "z_loss", None) is not None else torch.zeros((), device=lm.device)
-            sums += torch.stack([out.loss.detach().float(), lm, aux, z]).to(sums.device)
-            n_micro += 1
+            window.add(torch.stack([out.loss.detach().float(), lm, aux, z]))
             meter.update(out.router_logits)
         done = step + 1
         tokens_seen += tokens_per_step
@@ -450,9 +490,7 @@ def run(cfg: PretrainConfig) -> dict:
                     f.write(json.dumps({"step": done, "ids": sorted(all_ids.reshape(-1).tolist())}) + "\n")
 
         if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            avg = accelerator.reduce(sums / max(n_micro, 1), reduction="mean").tolist()
-            sums.zero_()
-            n_micro = 0
+            avg = window.mean(accelerator)
             tps = speed.rate()
             gn = grad_norm.item() if torch.is_tensor(grad_norm) else float(grad_norm if grad_norm is not None else "nan")
             record = {"loss": avg[0], "lm_loss": avg[1], "aux_loss": avg[2], "z_loss": avg[3], "grad_norm": gn,
@@ -474,10 +512,11 @@ def run(cfg: PretrainConfig) -> dict:
             metrics.log(evaluate(model, accelerator, held_out, cfg.micro_batch_size), step=done)
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
             speed.pause()
-            save_checkpoint(accelerator, cfg.output_dir, done,
-                            {"tokens_seen": tokens_seen, "data": order.state(done), "fingerprint": fingerprint,
-                             "ppl_before": ppl_before, "world_size": world},
-                            cfg.save_total_limit)
+            state = {"tokens_seen": tokens_seen, "data": order.state(done), "fingerprint": fingerprint,
+                     "ppl_before": ppl_before, "world_size": world, "log_window": window.state(accelerator, meter),
+                     "metrics_records": count_records(metrics.path) if main else None}
+            save_checkpoint(accelerator, cfg.output_dir, done, state, cfg.save_total_limit,
+                            save_extra=(lambda folder: save_dgs(accelerator, dgs_state, folder)) if dgs_state else None)
             last_saved = done
         bar.update(1)
     bar.close()
@@ -487,19 +526,19 @@ def run(cfg: PretrainConfig) -> dict:
     metrics.log(ev, step=cfg.max_steps)
     state_dict = accelerator.get_state_dict(model)
     unwrapped.config.use_cache = True
-    unwrapped.save_pretrained(cfg.output_dir, state_dict=state_dict, is_main_process=main, save_function=accelerator.save)
     summary = {"steps": cfg.max_steps, "tokens": tokens_seen, "global_batch": layout.global_batch,
                "ppl_before": ppl_before, "ppl_after": ev["eval/perplexity"], "eval_loss_after": ev["eval/loss"],
                "aux_coef": mcfg.router_aux_loss_coef, "z_coef": mcfg.router_z_loss_coef,
                "total_params": counts["total"], "active_params": counts["active"], "flops_per_token": fpt,
                "last_checkpoint": last_saved}
     if main:
-        tokenizer.save_pretrained(cfg.output_dir)
+        with staged_files(cfg.output_dir) as staging:  # weights, config, tokenizer: renamed into place when whole
+            unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
+            tokenizer.save_pretrained(staging)
         plots = plot_run(metrics.path, cfg.output_dir, sparse_layers)
         source_dir = cfg.model_name_or_path if os.path.isdir(cfg.model_name_or_path) else None
         write_model_card(cfg.output_dir, source_dir, cfg, summary, plots)
-        with open(os.path.join(cfg.output_dir, "training_summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        write_json_atomic(os.path.join(cfg.output_dir, "training_summary.json"), summary)
         print(
             f"[upcycle-moe-pretrain] done: {cfg.max_steps} steps, {tokens_seen:,} tokens; held-out perplexity "
             + (f"{ppl_before:.3f} -> " if ppl_before is not None else "")
@@ -512,17 +551,98 @@ def run(cfg: PretrainConfig) -> dict:
             with torch.no_grad(), accelerator.autocast():
                 gen = unwrapped.generate(**enc, max_new_tokens=cfg.generate_max_new_tokens, do_sample=False)
             print("[upcycle-moe-pretrain] sample:", tokenizer.decode(gen[0], skip_special_tokens=True), flush=True)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def pack(docs, tokenizer, cfg: PretrainConfig, separator: str, what: str, source):
+    """``tokenize_and_pack``; text that is not UTF-8 (JSON and parquet readers pass it through) is a ConfigError
+    naming the data."""
     try:
-        cfg = build_config(PretrainConfig, argv)
-        run(cfg)
-    except ConfigError as e:
-        print(f"upcycle-moe-pretrain: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        return tokenize_and_pack(docs, tokenizer, cfg.block_size, cfg.text_column, separator,
+                                 cfg.preprocessing_num_workers, what)
+    except UnicodeDecodeError as e:
+        names = ", ".join(source) if isinstance(source, list) else source
+        raise ConfigError(f"{what}: {names} holds text that is not valid UTF-8 ({one_line(e)}); re-encode it "
+                          "as UTF-8") from None
+
+
+def input_paths(cfg: PretrainConfig) -> list[str]:
+    """Local paths the run reads: an output folder must not be (or, when cleared, contain) any of them."""
+    from .config import expand_data_files
+
+    paths = [cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.dataset_name, cfg.data_cache_dir]
+    for patterns, what in ((cfg.train_files, "train_files"), (cfg.validation_files, "validation_files")):
+        if patterns:
+            paths += expand_data_files(patterns, what)
+    return [p for p in paths if p]
+
+
+class LogWindow:
+    """Sums of (loss, lm, aux, z) over the micro-batches since the last log. Saved with a checkpoint taken
+    between two logs, so the first record after a resume averages the same micro-batches as without the stop."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(4, device=device)
+        self.count = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        self.sums += values.to(self.sums.device)
+        self.count += 1
+
+    def mean(self, accelerator) -> list[float]:
+        avg = accelerator.reduce(self.sums / max(self.count, 1), reduction="mean").tolist()
+        self.sums.zero_()
+        self.count = 0
+        return avg
+
+    def state(self, accelerator, meter: RoutingMeter) -> dict | None:
+        """COLLECTIVE. The window summed over processes (restored on the main process only: the means are linear,
+        so the next log is unchanged); None when the checkpoint falls on a log step."""
+        if self.count == 0:
+            return None
+        sums = accelerator.reduce(self.sums.clone(), reduction="sum")
+        routing = None
+        if meter.sums is not None:
+            keys = sorted(meter.sums)
+            routing = {k: accelerator.reduce(meter.sums[k].clone(), reduction="sum").cpu().tolist() for k in keys}
+        return {"sums": sums.cpu().tolist(), "count": self.count, "routing": routing,
+                "routing_count": meter.count * accelerator.num_processes}
+
+    def load_state(self, state: dict | None, meter: RoutingMeter, main: bool) -> None:
+        if not state:
+            return
+        self.count = state["count"]
+        if main:
+            self.sums = torch.tensor(state["sums"], dtype=self.sums.dtype, device=self.sums.device)
+            if state.get("routing") is not None:
+                meter.sums = {k: torch.tensor(v, dtype=torch.float32, device=self.sums.device)
+                              for k, v in state["routing"].items()}
+                meter.count = state["routing_count"]
+
+
+def count_records(path: str) -> int:
+    return len(read_jsonl(path)) if os.path.exists(path) else 0
+
+
+def keep_logged_records(path: str, count: int | None, step: int) -> None:
+    """On resume: keep exactly the records logged before the checkpoint was written (so the final eval of a
+    finished run, logged after its last checkpoint, is not logged twice); older checkpoints: up to ``step``."""
+    if count is None:
+        truncate_jsonl(path, step)
+        return
+    if not os.path.exists(path):
+        return
+    keep = read_jsonl(path)[:count]
+    with open(path + ".part", "w", encoding="utf-8") as f:
+        for rec in keep:
+            f.write(json.dumps(rec) + "\n")
+    os.replace(path + ".part", path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_cli("upcycle-moe-pretrain", lambda: run(build_config(PretrainConfig, argv)))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, _coerce, _strip_optional, data_builder, expand_data_files, parse_overrides
+from .checkpointing import check_output_dir, staged_files
+from .config import (
+    ConfigError,
+    _coerce,
+    _strip_optional,
+    data_builder,
+    expand_data_files,
+    non_finite_options,
+    one_line,
+    parse_overrides,
+    read_config_file,
+    run_cli,
+)
 
 
 @dataclass
@@ -67,13 +79,7 @@ def parse_args(argv: list[str] | None = None):
         parser.print_help()
         raise SystemExit(0)
     config_file, overrides = parse_overrides(argv)
-    values: dict = {}
-    if config_file:
-        import yaml
-
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"config file {config_file} does not exist")
-        values.update(yaml.safe_load(open(config_file, encoding="utf-8")) or {})
+    values: dict = read_config_file(config_file) if config_file else {}
     values.update(overrides)
     # gradient checkpointing: one spelling for transformers 5.17-5.22 (gradient_*) and 5.23+ (activation_*)
     ta_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -97,15 +103,15 @@ def parse_args(argv: list[str] | None = None):
     for cls in (FinetuneArguments, TrainingArguments):  # "1e-3" from YAML / the command line is a number here
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name in values and isinstance(values[f.name], str) and f.name in hints:
+            if f.name in values and isinstance(values[f.name], (str, float)) and f.name in hints:
                 base, _ = _strip_optional(hints[f.name])
-                if base in (bool, int, float):
+                if base in (bool, int, float):  # floats too: YAML's .nan / .inf are rejected here
                     values[f.name] = _coerce(f.name, values[f.name], hints[f.name])
     try:
         ft, ta = parser.parse_dict(values, allow_extra_keys=False)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from None
-    problems = []
+    except (ValueError, TypeError) as e:  # TrainingArguments' own checks: the whole reason, on one line
+        raise ConfigError(f"invalid training arguments: {one_line(e)}") from None
+    problems = non_finite_options(ft, ta)
     if not ft.model_name_or_path:
         problems.append("model_name_or_path is required")
     if not ft.train_file:
@@ -245,7 +251,11 @@ def run(ft: FinetuneArguments, ta) -> dict:
     # preflight: model config, data, tokenizer, output folder -- before the weights
     if not os.path.isdir(ft.model_name_or_path):
         raise ConfigError(f"model_name_or_path: {ft.model_name_or_path} does not exist (an UpcycledMoe folder)")
-    mc = AutoConfig.from_pretrained(ft.model_name_or_path)
+    try:
+        mc = AutoConfig.from_pretrained(ft.model_name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_name_or_path: cannot read a model config from {ft.model_name_or_path}: "
+                          f"{one_line(e)}") from None
     if mc.model_type != "upcycled_moe":
         raise ConfigError(f"{ft.model_name_or_path} is a {mc.model_type} model; convert it first (upcycle-moe convert)")
     if ft.loss_chunk_size < 0:
@@ -256,15 +266,30 @@ def run(ft: FinetuneArguments, ta) -> dict:
             and not ta.resume_from_checkpoint:
         raise ConfigError(f"output_dir {ta.output_dir} is not empty: use another folder, resume_from_checkpoint, "
                           "or overwrite_output_dir=true")
+    check_output_dir(ta.output_dir, [ft.model_name_or_path, ft.tokenizer_name_or_path, ft.train_file,
+                                     ft.validation_file], ft.overwrite_output_dir)
     splits = load_examples(ft)
-    tokenizer = AutoTokenizer.from_pretrained(ft.tokenizer_name_or_path or ft.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ft.tokenizer_name_or_path or ft.model_name_or_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a tokenizer from {ft.tokenizer_name_or_path or ft.model_name_or_path}: "
+                          f"{one_line(e)}; set tokenizer_name_or_path") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     with ta.main_process_first(desc="tokenising"):
         tokenized = {k: tokenize_examples(v, tokenizer, ft, ta.dataloader_num_workers or None) for k, v in splits.items()}
 
-    model = load_model(ft)
+    try:
+        model = load_model(ft)
+    except (OSError, ValueError, RuntimeError) as e:  # a corrupt or truncated weight file, a wrong kernel name
+        raise ConfigError(f"model_name_or_path: cannot load the model from {ft.model_name_or_path}: "
+                          f"{type(e).__name__}: {one_line(e)}") from None
+    except Exception as e:
+        if "safetensor" not in type(e).__name__.lower():
+            raise
+        raise ConfigError(f"model_name_or_path: cannot load the weights of {ft.model_name_or_path}: "
+                          f"{type(e).__name__}: {one_line(e)} (a corrupt or truncated file?)") from None
     if not ft.train_router:
         for p in router_parameters(model):
             p.requires_grad_(False)
@@ -277,11 +302,16 @@ def run(ft: FinetuneArguments, ta) -> dict:
               f"{total / 1e6:.1f}M parameters trainable; router {'trained' if ft.train_router else 'frozen'}", flush=True)
 
     collator = make_collator(tokenizer)
-    trainer = make_trainer_class()(model=model, args=ta, train_dataset=tokenized["train"],
-                                   eval_dataset=tokenized.get("validation"), data_collator=collator,
-                                   processing_class=tokenizer)
+    try:
+        trainer = make_trainer_class()(model=model, args=ta, train_dataset=tokenized["train"],
+                                       eval_dataset=tokenized.get("validation"), data_collator=collator,
+                                       processing_class=tokenizer)
+    except ValueError as e:  # Trainer's checks of the arguments against the model and data
+        raise ConfigError(f"invalid training arguments: {one_line(e)}") from None
     result = trainer.train(resume_from_checkpoint=ta.resume_from_checkpoint)
-    trainer.save_model(ta.output_dir)
+    with staged_files(ta.output_dir, main=trainer.is_world_process_zero()) as staging:  # renamed into place when whole
+        trainer.save_model(staging)
+        trainer.accelerator.wait_for_everyone()
     metrics = dict(result.metrics)
     if "validation" in tokenized:
         metrics.update(trainer.evaluate())
@@ -289,20 +319,19 @@ def run(ft: FinetuneArguments, ta) -> dict:
     if ft.use_lora and ft.merge_lora and trainer.is_world_process_zero():
         merged = trainer.model.merge_and_unload()
         merged.config.use_cache = True
-        merged.save_pretrained(os.path.join(ta.output_dir, "merged"))
-        tokenizer.save_pretrained(os.path.join(ta.output_dir, "merged"))
+        with staged_files(os.path.join(ta.output_dir, "merged")) as staging:
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     metrics["total_flos"] = trainer.state.total_flos
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        ft, ta = parse_args(argv)
-        metrics = run(ft, ta)
+    def body():
+        metrics = run(*parse_args(argv))
         print(f"[upcycle-moe-finetune] done: {metrics}", flush=True)
-    except ConfigError as e:
-        print(f"upcycle-moe-finetune: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+
+    run_cli("upcycle-moe-finetune", body)
 
 
 if __name__ == "__main__":

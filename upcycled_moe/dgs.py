@@ -57,12 +57,15 @@ ratio is ``1/(2 rho)`` for fp32 buckets (50x at 1%). On the wire (ring algorithm
 the all-gather grows with the world size and stops paying off around ``W ~ 1/rho``. Both are counted
 (``DGSState.compression_stats()``).
 
-Checkpointing: ``DGSState.state_dict()`` is a collective (every rank must call it, as ``accelerate``'s
-``save_state`` does for objects registered with ``accelerator.register_for_checkpointing``); it gathers every
-rank's velocity to rank 0 (the process that writes the file) and ``load_state_dict`` picks this rank's part, so
-resuming is exact. The world size must be the same when resuming.
+Checkpointing: ``DGSState.state_dict()`` is a collective (every rank must call it); it gathers every rank's
+velocity to rank 0 (the process that writes the file) and ``load_state_dict`` picks this rank's part, so resuming
+is exact. The world size must be the same when resuming. ``save_state_files`` / ``load_state_files`` store it as
+safetensors (tensors) + JSON (everything else): no pickle, so a planted checkpoint cannot run code (accelerate's
+``register_for_checkpointing`` would write a pickle and read it back with ``weights_only=False``).
 """
 
+import json
+import os
 import warnings
 from fractions import Fraction
 from typing import Any
@@ -70,7 +73,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DGSState", "dgs_hook", "register_dgs", "topk_count"]
+__all__ = ["DGSState", "dgs_hook", "load_state_files", "register_dgs", "save_state_files", "topk_count"]
 
 _INDEX_BYTES = 4  # int32 indices
 _VALUE_DTYPE = torch.float32  # values are sent (and the velocity is kept) in fp32
@@ -492,3 +495,44 @@ def register_dgs(
     )
     ddp_model.register_comm_hook(state, dgs_hook)
     return state
+
+
+STATE_TENSORS = "dgs_state.safetensors"
+STATE_JSON = "dgs_state.json"
+
+
+def save_state_files(state_dict: dict[str, Any], folder: str) -> list[str]:
+    """Write a ``DGSState.state_dict()`` into ``folder`` as safetensors + JSON; no-op (returns []) for the
+    velocity-less dict of a non-zero rank. Returns the file names written."""
+    from safetensors.torch import save_file
+
+    if state_dict.get("per_rank") is None:
+        return []
+    tensors = {}
+    for r, velocities in enumerate(state_dict["per_rank"]):
+        for name, t in velocities.items():
+            tensors[f"per_rank.{r}.{name}"] = t.detach().cpu().contiguous()
+    for name, t in state_dict["residual"].items():
+        tensors[f"residual.{name}"] = t.detach().cpu().contiguous()
+    meta = {k: state_dict[k] for k in ("format", "iter", "world_size", "hyperparameters", "counters")}
+    meta["velocity_names"] = sorted(state_dict["per_rank"][0]) if state_dict["per_rank"] else []
+    meta["residual_names"] = sorted(state_dict["residual"])
+    save_file(tensors, os.path.join(folder, STATE_TENSORS))
+    with open(os.path.join(folder, STATE_JSON), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    return [STATE_TENSORS, STATE_JSON]
+
+
+def load_state_files(folder: str) -> dict[str, Any]:
+    """Read what ``save_state_files`` wrote back into a ``DGSState.state_dict()`` (no pickle involved)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, STATE_JSON), encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != "upcycled_moe.dgs/1":
+        raise ValueError(f"{os.path.join(folder, STATE_JSON)} is not a DGS state file")
+    tensors = load_file(os.path.join(folder, STATE_TENSORS))
+    per_rank = [{n: tensors[f"per_rank.{r}.{n}"] for n in meta["velocity_names"]} for r in range(meta["world_size"])]
+    residual = {n: tensors[f"residual.{n}"] for n in meta["residual_names"]}
+    return {k: meta[k] for k in ("format", "iter", "world_size", "hyperparameters", "counters")} | {
+        "per_rank": per_rank, "residual": residual}
