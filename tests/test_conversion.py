@@ -214,17 +214,103 @@ def test_drop_upcycling_draws_from_the_statistics_of_what_it_replaces():
 
 
 def test_drop_ratio_zero_is_plain_copying(tmp_path, tiny_dense_dirs):
+    """ratio 0: every expert is the (scaled) dense FFN, whatever the seed; a ratio > 0 with the same seed is not."""
     folder = tiny_dense_dirs["qwen2"]
-    kw = dict(num_experts=4, top_k=2, dtype="float32", seed=3)
-    a = tensors(upcycle(folder, tmp_path / "a", drop_ratio=0.0, **kw))
-    b = tensors(upcycle(folder, tmp_path / "b", **kw))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kw = dict(num_experts=4, top_k=2, dtype="float32")
+    a = tensors(upcycle(folder, tmp_path / "a", drop_ratio=0.0, seed=3, **kw))
+    b = tensors(upcycle(folder, tmp_path / "b", drop_ratio=0.0, seed=4, **kw))
+    dropped = tensors(upcycle(folder, tmp_path / "c", drop_ratio=0.5, seed=3, **kw))
+    experts = [k for k in a if ".experts." in k]
+    assert experts and all(torch.equal(a[k], b[k]) for k in experts)  # no randomness reaches the experts
+    assert not torch.equal(a["model.layers.0.mlp.gate.weight"], b["model.layers.0.mlp.gate.weight"])  # seeds differ
+    assert all(not torch.equal(a[k], dropped[k]) for k in experts)
     dense = load_dense(folder).state_dict()
     gu = a["model.layers.0.mlp.experts.gate_up_proj"]
     s = math.sqrt(4 * 1 / 2)  # softmax_topk, N=4, G=1, T=2: s = N·G/T = 2; exact placement puts sqrt(s) on up
     for e in range(4):
         assert torch.equal(gu[e, :96], dense["model.layers.0.mlp.gate_proj.weight"])
         assert torch.allclose(gu[e, 96:], dense["model.layers.0.mlp.up_proj.weight"] * s)
+
+
+@pytest.mark.parametrize("router,fraction", [("topk_softmax", 1.0), ("softmax_topk", 0.3)])
+def test_noise_upcycling_adds_the_asked_noise_before_scaling(tiny_dense_dirs, router, fraction):
+    """noise_std > 0: expert / multiplier - dense shard is N(0, std²) on `fraction` of the entries, per expert
+    independent, the same for a seed."""
+    folder = tiny_dense_dirs["llama"]
+    std = 0.01
+    kw = dict(num_experts=4, top_k=2, router=router, dtype="float32", noise_std=std, noise_fraction=fraction)
+    sd = upcycle_in_memory(folder, seed=1, **kw).state_dict()
+    again = upcycle_in_memory(folder, seed=1, **kw).state_dict()
+    other = upcycle_in_memory(folder, seed=2, **kw).state_dict()
+    dense = load_dense(folder).state_dict()
+    s = 1.0 if router == "topk_softmax" else 4 * 1 / 2  # G for topk_softmax; N·G/T for softmax_topk
+    up_down = math.sqrt(s)  # gated MLP, exact placement: gate x1, up and down x sqrt(s)
+    for layer in range(2):
+        name = f"model.layers.{layer}.mlp.experts."
+        gu, down = sd[name + "gate_up_proj"], sd[name + "down_proj"]
+        assert torch.equal(gu, again[name + "gate_up_proj"]) and torch.equal(down, again[name + "down_proj"])
+        assert not torch.equal(gu, other[name + "gate_up_proj"])
+        dense_mlp = f"model.layers.{layer}.mlp."
+        noises = []
+        for e in range(4):
+            for got, mult, ref in ((gu[e, :96], 1.0, dense[dense_mlp + "gate_proj.weight"]),
+                                   (gu[e, 96:], up_down, dense[dense_mlp + "up_proj.weight"]),
+                                   (down[e], up_down, dense[dense_mlp + "down_proj.weight"])):
+                noise = got / mult - ref
+                hit = noise.abs() > 1e-6
+                assert hit.float().mean().item() == pytest.approx(fraction, abs=0.03)
+                assert noise[hit].std().item() == pytest.approx(std, rel=0.06)
+                assert noise[hit].mean().abs().item() < 3 * std / hit.sum().item() ** 0.5 + 1e-4
+                noises.append(noise)
+        assert not torch.equal(noises[0], noises[3])  # expert 1's gate noise is not expert 0's
+
+
+def _rope_llama(tmp_path, rope_parameters):
+    """initializer_range 0.1: attention scores large enough that position encodings visibly change the logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope_parameters,
+                         max_position_embeddings=32, initializer_range=0.1)
+    folder = tmp_path / "dense"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+])
+def test_scaled_rope_sources_convert_exactly(tmp_path, rope):
+    """Linear / dynamic NTK / YaRN RoPE carry over: logits equal transformers' Llama past the original context (48
+    tokens > max_position_embeddings 32: dynamic rescales there, yarn past its original 16)."""
+    folder = _rope_llama(tmp_path, dict(rope))
+    dense = load_dense(folder)
+    assert dense.config.rope_parameters["rope_type"] == rope["rope_type"]
+    moe = load_moe(upcycle(folder, tmp_path / "moe", num_experts=4, top_k=2, router="topk_softmax", dtype="float32"))
+    assert moe.config.rope_parameters == dense.config.rope_parameters
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
+    assert max_logit_diff(dense, moe, ids) <= 1e-4
+    plain = _rope_llama(tmp_path / "plain", {"rope_type": "default", "rope_theta": 10000.0})
+    assert max_logit_diff(load_dense(plain), moe, ids) > 1e-2  # the scaling matters on these inputs
+
+
+def test_sharded_safetensors_source_converts_exactly(tmp_path):
+    """A source saved in several safetensors shards (with its index) converts like a single file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder,
+                                                                                                max_shard_size="100KB")
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert len(shards) > 2 and (folder / "model.safetensors.index.json").is_file()
+    moe = load_moe(upcycle(folder, tmp_path / "moe", num_experts=4, top_k=2, router="topk_softmax", dtype="float32"))
+    assert max_logit_diff(load_dense(folder), moe, IDS) <= 1e-4
+    assert greedy(load_dense(folder), IDS[:1]) == greedy(moe, IDS[:1])
 
 
 # ---------------------------------------------------------------------------------------------------- determinism, layers
