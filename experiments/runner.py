@@ -39,6 +39,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import functools
 import gc
 import glob
 import hashlib
@@ -536,9 +537,11 @@ def _base_id(folder: Path) -> str:
     return f"{folder.name}-{_hash_files(sorted(p for p in folder.iterdir() if p.is_file()), n=10)}"
 
 
+@functools.cache
 def code_fingerprint() -> str:
     """A hash of the source code that computes a run (the model, the conversion, the training scripts, this runner),
-    so a fix to any of them is a new run instead of a silently reused stale one."""
+    so a fix to any of them is a new run instead of a silently reused stale one. Once per process: the code that
+    runs is what was imported, not what an edit made of the files since."""
     paths = [(name, p) for name, root in sorted(CODE_ROOTS.items()) for pattern in CODE_PATTERNS[name]
              for p in sorted(Path(root).glob(pattern))]
     digest = hashlib.sha256()

@@ -222,14 +222,20 @@ def test_a_changed_byte_of_the_code_is_a_different_run(tmp_path, monkeypatch):
                                                   ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(runner, "CODE_ROOTS", roots)
     cfg = load_config(SMOKE, {"cache_dir": str(tmp_path / "cache")})
-    before = _fingerprints(cfg, None)
-    assert before == _fingerprints(cfg, None)  # deterministic
+
+    def fingerprints():
+        runner.code_fingerprint.cache_clear()  # computed once per process: a new process sees the edit
+        return _fingerprints(cfg, None)
+
+    before = fingerprints()
+    assert before == fingerprints()  # deterministic
     for path in (roots["upcycled_moe"] / "modeling_upcycled_moe.py", roots["upcycled_moe"] / "conversion" / "methods.py",
                  roots["trainer_scripts"] / "continued_pretraining.py"):
         original = path.read_bytes()
         path.write_bytes(original.replace(b"return", b"return ", 1))
-        assert before.isdisjoint(_fingerprints(cfg, None)), path
+        assert before.isdisjoint(fingerprints()), path
         path.write_bytes(original)
-        assert _fingerprints(cfg, None) == before
+        assert fingerprints() == before
     (roots["upcycled_moe"] / "conversion" / "README.md").write_text("docs do not change results")
-    assert _fingerprints(cfg, None) == before
+    assert fingerprints() == before
+    runner.code_fingerprint.cache_clear()  # the other tests fingerprint the real sources
