@@ -190,8 +190,15 @@ def _per_layer_reference(logits_list, config, mask):
         z.append((torch.logsumexp(logits, -1) ** 2 * mask).sum() / n)
         loads.append(counts / counts.sum())
         ent.append((-(probs * probs.clamp(min=1e-12).log()).sum(-1) * mask).sum() / n)
-        capacity = config.expert_capacity(logits.shape[0])
-        keep = capacity_keep_mask(index, E, capacity) if capacity is not None else torch.ones_like(index, dtype=bool)
+        keep = torch.ones_like(index, dtype=torch.bool)
+        if config.capacity_factor is not None:  # real tokens only: choice by choice, token by token, first come
+            capacity, used = math.ceil(config.capacity_factor * int(mask.sum()) * k / E), [0] * E
+            keep[:] = False
+            for choice in range(k):
+                for t in range(index.shape[0]):
+                    e = int(index[t, choice])
+                    if mask[t] and used[e] < capacity:
+                        keep[t, choice], used[e] = True, used[e] + 1
         dropped.append(((~keep).float() * mask[:, None]).sum() / (mask.sum() * k))
     return torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(loads), torch.stack(ent), torch.stack(dropped)
 
@@ -704,3 +711,26 @@ def test_compiled_layers_break_only_at_the_fused_experts_call():
     assert out.aux_loss is not None and torch.isfinite(out.loss)
     assert reasons, "expected the fused experts call to break the graph"
     assert all("torch.compiler.disable" in r or "disable" in r for r in reasons), reasons
+
+
+def test_padding_neither_fills_nor_sizes_the_capacity():
+    """A sequence's logits under a capacity factor do not depend on padded rows batched with it: padding takes no
+    expert slot and the capacity is computed from real tokens (it used to count, and route, the padding too)."""
+    model = small_model(capacity_factor=1.0, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (1, 12))
+    alone = model(ids, attention_mask=torch.ones_like(ids)).logits
+    pad = torch.randint(0, 128, (1, 12))
+    batch = torch.cat([ids, pad])
+    mask = torch.ones_like(batch)
+    mask[1] = 0  # a row of padding only
+    together = model(batch, attention_mask=mask).logits[:1]
+    torch.testing.assert_close(together, alone)
+    # the router itself: padded tokens get the sentinel, and the capacity is ceil(1.0 * 12 real * 2 / 4) = 6
+    router = model.model.layers[0].mlp.gate
+    hidden = torch.randn(24, 64)
+    real = mask.reshape(-1).bool()
+    _, weights, index = router(hidden, real)
+    assert (index[~real] == model.config.num_experts).all() and (weights[~real] == 0).all()
+    for e in range(model.config.num_experts):
+        assert int((index == e).sum()) <= 6

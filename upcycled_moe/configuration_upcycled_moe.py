@@ -38,7 +38,8 @@ class UpcycledMoeConfig(PreTrainedConfig):
         router_aux_loss_coef: Switch load-balancing loss weight, added whenever labels are given.
         router_z_loss_coef: router z-loss weight.
         router_jitter_noise: multiplicative uniform noise on the router input while training (0 = off).
-        capacity_factor: tokens per expert capped at ceil(cf · tokens · k / num_experts); None = dropless.
+        capacity_factor: tokens per expert capped at ceil(cf · real tokens · k / num_experts), padding excluded;
+            None = dropless.
         mlp_layer_types: "sparse" / "dense" per layer (dense layers keep a dense FFN of intermediate_size).
         num_shared_experts / shared_expert_intermediate_size: always-on FFN(s) beside the routed experts.
         upcycling: provenance written by the conversion tool (source, options, tool version).
@@ -185,11 +186,13 @@ class UpcycledMoeConfig(PreTrainedConfig):
     def sparse_layer_indices(self) -> list[int]:
         return [i for i, t in enumerate(self.mlp_layer_types) if t == "sparse"]
 
-    def expert_capacity(self, num_tokens: int) -> int | None:
-        """Per-expert slot budget for a batch of `num_tokens` tokens, or None when dropless."""
+    def expert_capacity(self, num_tokens):
+        """Per-expert slot budget for a batch of `num_tokens` real tokens, or None when dropless. `num_tokens` may be
+        a tensor (the model counts real tokens on the device, without a host sync): the result is then one too."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts)
+        slots = self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts
+        return slots.ceil() if hasattr(slots, "ceil") else math.ceil(slots)
 
     def active_parameter_fraction(self) -> float:
         """Fraction of routed-expert parameters a token uses (k / E): for FLOP and MFU accounting."""

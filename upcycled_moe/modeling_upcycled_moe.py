@@ -262,12 +262,26 @@ def route(router_logits: torch.Tensor, config: UpcycledMoeConfig):
     return probs, top_k_weights, top_k_index
 
 
-def capacity_keep_mask(top_k_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """(T, k) bool: slots within each expert's capacity. First choices of all tokens outrank second choices."""
-    slots = top_k_index.t().reshape(-1)  # choice-major order: every token's first choice, then second, ...
-    one_hot = F.one_hot(slots, num_experts)
-    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1
-    return (position < capacity).view(top_k_index.shape[1], -1).t()
+def capacity_keep_mask(top_k_index: torch.Tensor, num_experts: int, capacity, token_mask=None) -> torch.Tensor:
+    """(T, k) bool: slots within each expert's capacity. First choices of all tokens outrank second choices.
+    Padding tokens (token_mask False) take no slot and are never kept."""
+    one_hot = F.one_hot(top_k_index, num_experts)  # (T, k, E)
+    if token_mask is not None:
+        one_hot = one_hot * token_mask.view(-1, 1, 1)
+    one_hot = one_hot.transpose(0, 1).reshape(-1, num_experts)  # choice-major: every first choice, then second ...
+    position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # -1 for padding slots, which is why they are masked below
+    keep = (position < capacity).view(top_k_index.shape[1], -1).t()
+    return keep if token_mask is None else keep & token_mask.view(-1, 1)
+
+
+def capacity_keep(top_k_index: torch.Tensor, config: UpcycledMoeConfig, token_mask=None):
+    """The slots that run under `config.capacity_factor` (None when dropless). The capacity counts real tokens
+    only, so padding neither shrinks nor fills it (a tensor count: no host sync)."""
+    num_tokens = top_k_index.shape[0] if token_mask is None else token_mask.sum().double()
+    capacity = config.expert_capacity(num_tokens)
+    if capacity is None:
+        return None
+    return capacity_keep_mask(top_k_index, config.num_experts, capacity, token_mask)
 
 
 class UpcycledMoeRouter(nn.Module):
@@ -278,16 +292,16 @@ class UpcycledMoeRouter(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, token_mask=None):
+        """`token_mask` (T,) bool marks real tokens; with a capacity factor, padding is dropped first."""
         hidden_states = hidden_states.float()
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - eps, 1.0 + eps)
         router_logits = F.linear(hidden_states, self.weight.float())
         _, top_k_weights, top_k_index = route(router_logits, self.config)
-        capacity = self.config.expert_capacity(hidden_states.shape[0])
-        if capacity is not None:  # dropped slots: the sentinel index num_experts, which every experts path skips
-            keep = capacity_keep_mask(top_k_index, self.config.num_experts, capacity)
+        keep = capacity_keep(top_k_index, self.config, token_mask)
+        if keep is not None:  # dropped slots: the sentinel index num_experts, which every experts path skips
             top_k_index = top_k_index.masked_fill(~keep, self.config.num_experts)
             top_k_weights = top_k_weights * keep  # for implementations that compute sentinels (batched_mm)
         return router_logits, top_k_weights, top_k_index
@@ -405,10 +419,10 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
             width = config.num_shared_experts * config.shared_expert_intermediate_size
             self.shared_expert = UpcycledMoeMLP(config, width)
 
-    def forward(self, hidden_states, return_router_logits: bool = False):
+    def forward(self, hidden_states, return_router_logits: bool = False, token_mask=None):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)
-        router_logits, top_k_weights, top_k_index = self.gate(flat)
+        router_logits, top_k_weights, top_k_index = self.gate(flat, token_mask)
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(flat)
@@ -440,6 +454,7 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings=None,
         output_router_logits=False,
         past_key_values=None,
+        token_mask=None,
         **kwargs,
     ):
         """Returns the hidden states, or (hidden states, router logits or None) with `output_router_logits`. The
@@ -461,7 +476,7 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         router_logits = None
         if isinstance(self.mlp, UpcycledMoeSparseMoeBlock):
-            hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True)
+            hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True, token_mask=token_mask)
         else:
             hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
@@ -601,6 +616,9 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         router_logits = [] if output_router_logits else None
+        token_mask = None  # real tokens, for the capacity (padding must neither fill nor size it)
+        if self.config.capacity_factor is not None and attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -inputs_embeds.shape[1]:].reshape(-1).bool()
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers):
@@ -611,6 +629,7 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 output_router_logits=bool(output_router_logits),
+                token_mask=token_mask,
                 **{CACHE_NAME: cache},  # the name this release's gradient checkpointing clears
                 **kwargs,
             )
@@ -679,9 +698,9 @@ def routing_statistics(router_logits, config: UpcycledMoeConfig, attention_mask=
     mask = _token_mask(attention_mask, num_tokens, logits.device)
     probs, _, top_k_index = route(logits, config)
     keep = torch.ones_like(top_k_index, dtype=torch.bool)
-    capacity = config.expert_capacity(num_tokens)
-    if capacity is not None:
-        keep = torch.stack([capacity_keep_mask(index, num_experts, capacity) for index in top_k_index])
+    if config.capacity_factor is not None:
+        real = mask.bool() if attention_mask is not None else None
+        keep = torch.stack([capacity_keep(index, config, real) for index in top_k_index])
     slot_mask = mask[None, :, None].expand_as(top_k_index)
     counts = torch.zeros(num_layers, num_experts, device=logits.device).scatter_add_(
         1, top_k_index.reshape(num_layers, -1), slot_mask.reshape(num_layers, -1)
