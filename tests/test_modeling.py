@@ -560,7 +560,11 @@ def test_flops_count_active_parameters_only():
                        tie_word_embeddings=True)
     assert tied.num_active_parameters() == model.num_active_parameters()  # the tied LM head still multiplies
     ids = torch.randint(0, 128, (3, 10))
-    assert model.floating_point_ops({"input_ids": ids}) == 6 * 30 * model.num_active_parameters()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :7] = 0  # Trainer's count follows each row's real length, never the padding
+    assert model.floating_point_ops({"input_ids": ids, "attention_mask": mask}) == model.training_flops([10, 7, 3])
+    assert model.floating_point_ops({"input_ids": ids}) == model.training_flops([10, 10, 10])
+    assert model.training_flops([10]) > 6 * 10 * model.num_active_parameters()  # attention comes on top
 
 
 def test_fused_experts_are_the_default_and_an_explicit_choice_wins(tmp_path):

@@ -218,26 +218,15 @@ def apply_lora(model, ft: FinetuneArguments):
 def make_trainer_class():
     from transformers import Trainer
 
-    from .metrics import parameter_counts, training_flops
-
     class MoeTrainer(Trainer):
-        """Trainer whose FLOP count uses ACTIVE parameters (Trainer's own: 6 x tokens x ALL parameters) and only the
-        real tokens of a padded batch, each sequence's attention by its own length."""
-
-        _active = None
+        """Trainer whose FLOP count is the model's (`floating_point_ops`: ACTIVE parameters, each sequence at its real
+        length). Trainer's own is 6 x tokens x ALL parameters, padding included, and never asks the model."""
 
         def floating_point_ops(self, inputs):
-            ids = inputs.get("input_ids")
-            if ids is None:
-                return 0
             base = self.accelerator.unwrap_model(self.model)
             if hasattr(base, "get_base_model"):  # PEFT
                 base = base.get_base_model()
-            if MoeTrainer._active is None:
-                MoeTrainer._active = parameter_counts(base)["active"]
-            mask = inputs.get("attention_mask")
-            lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[-1]] * ids[..., 0].numel()
-            return training_flops(base, lengths, MoeTrainer._active)
+            return base.floating_point_ops(inputs)
 
     return MoeTrainer
 

@@ -54,33 +54,10 @@ def parameter_counts(model) -> dict[str, int]:
     return {"total": total, "active": model.num_active_parameters(), "routed_experts": expert, "embedding": embed}
 
 
-def attended_pairs(seq_len: int, window: int | None = None) -> int:
-    """(query, key) pairs a causal layer scores over ``seq_len`` tokens. Query i sees keys i-w+1..i (w = the
-    window, including itself), so it sees min(i+1, w): summed, s(s+1)/2 without a window (or with w >= s), and
-    w(w+1)/2 for the first w queries plus w for each of the other s-w, i.e. s*w - w(w-1)/2, with one."""
-    if window is None or window >= seq_len:
-        return seq_len * (seq_len + 1) // 2
-    return seq_len * window - window * (window - 1) // 2
-
-
 def training_flops(model, seq_lens, active_params: int | None = None) -> int:
-    """Training FLOPs (forward + backward) of sequences of these lengths: 6 x active parameters per token, plus
-    12 x attention width per attended pair and layer (the scores and the weighted sum are two matrix products of 2
-    FLOPs per multiply-add, and the backward pass is twice the forward). Give real lengths, not padded ones:
-    padding does no useful work."""
-    config = model.config
-    if active_params is None:
-        active_params = parameter_counts(model)["active"]
-    width = config.num_attention_heads * config.head_dim
-    total = 0
-    for n in seq_lens:
-        n = int(n)
-        pairs = sum(
-            attended_pairs(n, config.sliding_window if kind == "sliding_attention" else None)
-            for kind in config.layer_types
-        )
-        total += 6 * active_params * n + 12 * width * pairs
-    return total
+    """Training FLOPs of sequences of these real lengths: the model's own count (``training_flops``: active
+    parameters, attention by attended pairs)."""
+    return model.training_flops(seq_lens, active_params)
 
 
 def flops_per_token(model, seq_len: int, active_params: int | None = None) -> float:

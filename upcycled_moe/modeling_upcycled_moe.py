@@ -483,6 +483,15 @@ class UpcycledMoeDecoderLayer(GradientCheckpointingLayer):
         return (hidden_states, router_logits) if output_router_logits else hidden_states
 
 
+def attended_pairs(seq_len: int, window: int | None = None) -> int:
+    """(query, key) pairs a causal layer scores over `seq_len` tokens. Query i sees keys i-w+1..i (w = the window,
+    including itself), so it sees min(i+1, w): summed, s(s+1)/2 without a window (or with w >= s), and w(w+1)/2 for
+    the first w queries plus w for each of the other s-w, i.e. s*w - w(w-1)/2, with one."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return seq_len * window - window * (window - 1) // 2
+
+
 class UpcycledMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycledMoeConfig
     config: UpcycledMoeConfig
@@ -546,10 +555,32 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
             embed = 0
         return round(total - embed - routed * (1 - self.config.num_experts_per_tok / self.config.num_experts))
 
+    def training_flops(self, seq_lens, active_params: int | None = None) -> int:
+        """Training FLOPs (forward + backward) of sequences of these lengths: 6 x ACTIVE parameters per token, plus
+        12 x attention width per attended (query, key) pair and layer (scores and weighted sum are two matrix products
+        of 2 FLOPs per multiply-add; the backward pass is twice the forward). Real lengths, not padded ones: padding
+        does no useful work. The one FLOP count of the project: Trainer's (6 x tokens x ALL parameters) overstates an
+        MoE by the experts it never runs."""
+        if active_params is None:
+            active_params = self.num_active_parameters()
+        config = self.config
+        width = config.num_attention_heads * config.head_dim
+        total = 0
+        for n in seq_lens:
+            n = int(n)
+            pairs = sum(attended_pairs(n, config.sliding_window if kind == "sliding_attention" else None)
+                        for kind in config.layer_types)
+            total += 6 * active_params * n + 12 * width * pairs
+        return total
+
     def floating_point_ops(self, input_dict) -> int:
-        """6 x tokens x ACTIVE parameters (Trainer's default counts every expert, overstating MoE FLOPs)."""
-        tokens = input_dict[self.main_input_name].numel() if self.main_input_name in input_dict else 0
-        return 6 * tokens * self.num_active_parameters()
+        """`training_flops` of a batch, each row at its real length (attention_mask), for Trainer's FLOP count."""
+        ids = input_dict.get(self.main_input_name)
+        if ids is None:
+            return 0
+        mask = input_dict.get("attention_mask")
+        lengths = mask.sum(-1).tolist() if mask is not None and mask.dim() == 2 else [ids.shape[-1]] * ids[..., 0].numel()
+        return self.training_flops(lengths)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
