@@ -238,6 +238,24 @@ def case_resume_every_checkpoint_corrupt(ctx):
     return prog, argv, "checkpoint-4 .*optimizer.bin .*no earlier whole checkpoint"
 
 
+class _Evil:
+    marker = None
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def case_resume_planted_pickle_is_never_loaded(ctx):
+    import torch
+
+    prev = ctx.run_copy()
+    _Evil.marker = ctx.tmp / "pwned"  # unpickling would create it (and break the snapshot)
+    planted = prev / "checkpoint-4" / "custom_checkpoint_0.pkl"
+    torch.save({"state": _Evil()}, planted)
+    prog, argv = _pre(ctx, out=prev, resume="latest")
+    return prog, argv, r"custom_checkpoint_0\.pkl is a pickle .*--resume=.*checkpoint-2"
+
+
 def case_permission_denied_creating_the_output(ctx):
     out = ctx.tmp / "out"
     real = os.makedirs

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from upcycled_moe.dgs import DGSState, dgs_hook, register_dgs, topk_count
+from upcycled_moe.dgs import DGSState, dgs_hook, load_state_files, register_dgs, save_state_files, topk_count
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 300
@@ -71,9 +71,10 @@ class KnownGrad(torch.nn.Module):
         return sum((self.p[n] * grads[n]).sum() for n in A_SHAPES)
 
 
-def reference_dgs(download: bool) -> dict:
+def reference_dgs(download: bool, carry: str = "samomentum") -> dict:
     """Direct single-process computation of the algorithm, float64, with the note's literal SAMomentum rule
-    (sent coordinates keep u, unsent ones store u/m; next step u <- m*stored + g + lambda*theta)."""
+    (sent coordinates keep u, unsent ones store u/m; next step u <- m*stored + g + lambda*theta).
+    ``carry="masked"``: the plain masked-momentum rule (unsent coordinates keep u), the wrong carry."""
     theta = {n: t.double() for n, t in a_init_params().items()}
     vel = [{n: torch.zeros(A_SHAPES[n], dtype=torch.float64).reshape(-1) for n in A_SHAPES} for _ in range(WORLD)]
     resid = {n: torch.zeros(math.prod(A_SHAPES[n]), dtype=torch.float64) for n in A_SHAPES}
@@ -99,7 +100,7 @@ def reference_dgs(download: bool) -> dict:
                 mask = torch.zeros_like(u, dtype=torch.bool)
                 mask[sel] = True
                 agg[mask] += u[mask]
-                vel[r][n] = torch.where(mask, u, u / m)
+                vel[r][n] = torch.where(mask, u, u / m) if carry == "samomentum" else u
             agg /= WORLD
             if download:
                 d = agg + resid[n]
@@ -285,7 +286,7 @@ def scenario_e(rank: int, tmpdir: str) -> dict:
         torch.save({"dgs": sd, "model": model.state_dict()}, path)
     dist.barrier()
     continued = run(ddp, opt, model, E_STEPS_AFTER, E_STEPS_BEFORE)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     model2, ddp2, st2, opt2 = make(ckpt["dgs"], ckpt["model"])
     iter_after_load = st2.iter
     resumed = run(ddp2, opt2, model2, E_STEPS_AFTER, E_STEPS_BEFORE)
@@ -299,8 +300,8 @@ def scenario_e(rank: int, tmpdir: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ (f) accelerate
 def scenario_accelerate(rank: int, tmpdir: str) -> dict:
-    """The integration the training script uses: accelerator.prepare -> DDP, register_dgs, register_for_checkpointing,
-    save_state / load_state (custom objects are written by the main process only)."""
+    """The integration the training script uses: accelerator.prepare -> DDP, register_dgs, accelerate's save_state /
+    load_state plus the hook state as safetensors + JSON (save_state_files / load_state_files, no pickle)."""
     from accelerate import Accelerator
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -310,7 +311,6 @@ def scenario_accelerate(rank: int, tmpdir: str) -> dict:
     model, opt = acc.prepare(model, opt)
     assert acc.num_processes == WORLD and isinstance(model, DDP), (acc.num_processes, type(model))
     state = register_dgs(model, density=0.05, start_step=2, momentum=0.9)
-    acc.register_for_checkpointing(state)
 
     def run(steps, offset):
         traj = []
@@ -325,8 +325,13 @@ def scenario_accelerate(rank: int, tmpdir: str) -> dict:
     run(E_STEPS_BEFORE, 0)
     ckpt = os.path.join(tmpdir, "accelerate_ckpt")
     acc.save_state(ckpt)
+    sd = state.state_dict()  # collective
+    if acc.is_main_process:
+        save_state_files(sd, ckpt)
+    acc.wait_for_everyone()
     continued = run(E_STEPS_AFTER, E_STEPS_BEFORE)
     acc.load_state(ckpt)
+    state.load_state_dict(load_state_files(ckpt))
     iter_after_load = state.iter
     resumed = run(E_STEPS_AFTER, E_STEPS_BEFORE)
     return {"continued": continued, "resumed": resumed, "iter_after_load": iter_after_load,
@@ -379,7 +384,7 @@ def run_distributed(tmpdir: str, scenarios: list[str]) -> list[dict]:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    return [torch.load(os.path.join(tmpdir, f"results_rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return [torch.load(os.path.join(tmpdir, f"results_rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -439,16 +444,43 @@ def test_hook_equals_direct_computation(results, download):
     assert 0 < (last != 0).sum() <= WORLD * topk_count(600, A_DENSITY)
 
 
-def test_samomentum_rule_is_what_is_checked():
-    """Guard for (a): the literal u/m rule and a plain 'masked momentum' rule differ on the same gradients, so
-    comparing against the reference can detect the wrong carry."""
-    m, g1, g2 = A_MOMENTUM, torch.tensor([1.0, 0.1]), torch.tensor([0.0, 0.1])
-    u1 = g1  # k = 1: coordinate 0 sent, coordinate 1 held back
-    samom = torch.where(torch.tensor([True, False]), u1, u1 / m)
-    plain = u1
-    assert not torch.allclose(m * samom + g2, m * plain + g2)
-    # held back twice -> one momentum step on the sum of the gradients
-    assert torch.isclose((m * samom + g2)[1], torch.tensor(0.2))
+@slow_distributed
+def test_hook_is_not_plain_masked_momentum(results):
+    """Guard for (a): the package's hook output differs from the plain masked-momentum rule (unsent coordinates
+    keep u instead of u/m) on the same gradients, so comparing against the reference can detect a wrong carry."""
+    res = _ok(results, "a")
+    wrong = reference_dgs(download=False, carry="masked")
+    gaps = [max((res[0]["updates"][t][n].double() - wrong["updates"][t][n]).abs().max().item() for n in A_SHAPES)
+            for t in range(A_STEPS)]
+    assert max(gaps[: A_START + 1]) < 1e-4  # dense warm-up and the first sparse step: nothing carried yet
+    assert max(gaps[A_START + 1 :]) > 1e-3, gaps
+
+
+def test_state_files_round_trip_without_pickle(tmp_path):
+    """save_state_files / load_state_files (what checkpoints hold) restore the hook state exactly; a pickle planted
+    next to them is never read."""
+    state = DGSState(density=0.1, momentum=0.5, download_density=0.5)
+    gen = torch.Generator().manual_seed(0)
+    state._carry = {"a.weight": torch.randn(12, generator=gen), "b.bias": torch.randn(3, generator=gen)}
+    state._residual = {"a.weight": torch.randn(12, generator=gen), "b.bias": torch.zeros(3)}
+    state.iter, state.sparse_steps, state.wire_bytes_sent = 7, 5, 123.5
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, tmp_path / "custom_checkpoint_0.pkl")
+    assert sorted(save_state_files(state.state_dict(), str(tmp_path))) == ["dgs_state.json", "dgs_state.safetensors"]
+    restored = DGSState(density=0.1, momentum=0.5, download_density=0.5)
+    restored.load_state_dict(load_state_files(str(tmp_path)))
+    assert not marker.exists()
+    assert restored.iter == 7 and restored.sparse_steps == 5 and restored.wire_bytes_sent == 123.5
+    for store in ("_carry", "_residual"):
+        assert sorted(getattr(restored, store)) == sorted(getattr(state, store))
+        for name, t in getattr(state, store).items():
+            assert torch.equal(getattr(restored, store)[name], t)
+    assert save_state_files({"per_rank": None}, str(tmp_path / "none")) == []  # non-zero ranks write nothing
 
 
 @slow_distributed
@@ -519,7 +551,8 @@ def test_accelerate_save_load_state_round_trip(results):
     res = _ok(results, "accelerate")
     for r in range(WORLD):
         assert res[r]["iter_after_load"] == E_STEPS_BEFORE
-        assert "custom_checkpoint_0.pkl" in res[r]["files"]
+        assert {"dgs_state.safetensors", "dgs_state.json"} <= set(res[r]["files"])
+        assert not [f for f in res[r]["files"] if f.startswith("custom_checkpoint")]
         for a, b in zip(res[r]["continued"], res[r]["resumed"]):
             assert torch.equal(a, b)
 

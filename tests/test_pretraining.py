@@ -4,6 +4,7 @@ The runs are real: transformers, accelerate, datasets, the real SmolLM2 tokenize
 Subprocess runs (SIGKILL + resume, 2-process DDP) go through `python -m` / `accelerate launch` like a user would.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -196,11 +197,17 @@ def test_dataset_name_errors(tmp_path, capsys, tiny_dir, corpus):
 
 
 # ------------------------------------------------------------------------------------------------ real runs
+# every training step draws random numbers (router jitter, attention dropout): a resume that does not restore the
+# RNG state gives other losses
+RANDOM_MODEL = "{router_jitter_noise: 0.2, attention_dropout: 0.1}"
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_dir, corpus) -> Path:
     """An uninterrupted 12-step run (checkpoints every 3 steps), used by several tests."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_script(base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'"))
+    run_script(base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'",
+                         model_config_overrides=RANDOM_MODEL))
     return out
 
 
@@ -251,7 +258,8 @@ def test_run_outputs_model_card_plots_and_metrics(reference_run):
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run, tiny_dir, corpus):
     out = tmp_path / "killed"
-    args = base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'")
+    args = base_args(tiny_dir, corpus, out, report_to="tensorboard", eval_steps=6, generate_prompt="'The for'",
+                     model_config_overrides=RANDOM_MODEL)
     proc = subprocess.Popen(script(args), cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     killed_at = None
@@ -287,6 +295,47 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference_run, tiny
     res_sum = json.loads((out / "training_summary.json").read_text())
     assert res_sum["ppl_after"] == pytest.approx(ref_sum["ppl_after"], rel=1e-5)
     assert res_sum["ppl_before"] == pytest.approx(ref_sum["ppl_before"], rel=1e-9)
+
+
+TIMING = ("tokens_per_s", "mfu")
+
+
+def logged(out: Path) -> list[dict]:
+    """Every metrics.jsonl record (training and eval), without the wall-clock ones."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(str(out / "metrics.jsonl"))]
+
+
+def resume_copy(src: Path, dst: Path, step: int, args: list[str]) -> list[str]:
+    """``dst``: ``src`` as if killed right after checkpoint-``step``; returns ``args`` pointed at it."""
+    shutil.copytree(src, dst)
+    for s, path in list_checkpoints(str(dst)):
+        if s > step:
+            shutil.rmtree(path)
+    return [a.replace(str(src), str(dst)) for a in args] + [f"--resume={dst / f'checkpoint-{step}'}"]
+
+
+def test_resume_logs_exactly_what_the_uninterrupted_run_logs(tmp_path, tiny_dir, corpus):
+    """A checkpoint between two logs (save_steps=3, logging_steps=2) and a resume after the final eval: the logged
+    records are the uninterrupted run's (same steps, same values). The runs draw random numbers every step, and
+    a resume whose RNG state is not restored logs other values (negative control)."""
+    args = base_args(tiny_dir, corpus, tmp_path / "a", max_steps=6, logging_steps=2, save_steps=3, eval_steps=4,
+                     save_total_limit=5, trace_data=False, model_config_overrides=RANDOM_MODEL)
+    run(build_config(PretrainConfig, args))
+    ref = logged(tmp_path / "a")
+    assert [r["step"] for r in ref if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in ref if "eval/loss" in r] == [0, 4, 6]
+    for step, name in ((3, "mid"), (6, "end")):  # mid-window; after the final eval of a finished run
+        run(build_config(PretrainConfig, resume_copy(tmp_path / "a", tmp_path / name, step, args)))
+        assert logged(tmp_path / name) == ref, name
+    # negative control: the same resume without the RNG state gives other numbers
+    b_args = resume_copy(tmp_path / "a", tmp_path / "no_rng", 3, args)
+    ckpt = tmp_path / "no_rng" / "checkpoint-3"
+    (ckpt / "random_states_0.pkl").unlink()
+    manifest = json.loads((ckpt / "training_state.json").read_text())
+    del manifest["files"]["random_states_0.pkl"]
+    (ckpt / "training_state.json").write_text(json.dumps(manifest))
+    run(build_config(PretrainConfig, b_args))
+    assert logged(tmp_path / "no_rng") != ref
 
 
 def test_two_processes_match_one_process_with_accumulation(tmp_path, tiny_dir, corpus):
@@ -421,17 +470,41 @@ def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_d
     """2 processes with the DGS hook: compression is logged, and a run resumed from a checkpoint (hook momentum
     restored) reproduces the uninterrupted run's losses."""
     dgs = dict(max_steps=6, save_steps=3, save_total_limit=3, dgs_density=0.05, dgs_start_step=2,
-               learning_rate=0.5, warmup_steps=0)
+               learning_rate=0.5, warmup_steps=0, max_grad_norm=0.5)
     full = tmp_path / "full"
     launch_two(base_args(tiny_dir, corpus, full, **dgs))
+    # a planted pickle (as if an attacker rewrote the checkpoint and its manifest) must never be unpickled
+    ckpt = full / "checkpoint-3"
+    marker = tmp_path / "pwned"
+    assert (ckpt / "dgs_state.safetensors").exists() and not list(ckpt.glob("custom_checkpoint*"))
+    planted = ckpt / "custom_checkpoint_0.pkl"
+    subprocess.run([sys.executable, "-c", "import torch\nclass Evil:\n def __reduce__(self):\n"
+                    f"  return (open, ({str(marker)!r}, 'w'))\ntorch.save({{'x': Evil()}}, {str(planted)!r})"],
+                   check=True, env=ENV)
+    manifest = json.loads((ckpt / "training_state.json").read_text())
+    manifest["files"]["custom_checkpoint_0.pkl"] = {"size": planted.stat().st_size,
+                                                    "sha256": hashlib.sha256(planted.read_bytes()).hexdigest()}
+    (ckpt / "training_state.json").write_text(json.dumps(manifest))
     resumed = tmp_path / "resumed"
-    launch_two(base_args(tiny_dir, corpus, resumed, resume=full / "checkpoint-3", **dgs))
+    cmd = [sys.executable, "-m", "trainer_scripts.continued_pretraining",
+           *base_args(tiny_dir, corpus, resumed, resume=ckpt, **{k: v for k, v in dgs.items() if "dgs" not in k})]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [x for x in res.stderr.splitlines() if "error:" in x]
+    assert res.returncode == 2 and len(errors) == 1 and "custom_checkpoint_0.pkl is a pickle" in errors[0], res.stderr
+    assert not marker.exists()
+    planted.unlink()
+    del manifest["files"]["custom_checkpoint_0.pkl"]
+    (ckpt / "training_state.json").write_text(json.dumps(manifest))
+    launch_two(base_args(tiny_dir, corpus, resumed, resume=ckpt, **dgs))
+    assert not marker.exists()
     a, b = train_records(full), train_records(resumed)
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6, abs=1e-7), step
     assert a[6]["dgs/compression_ratio"] > 5.0, a[6]
     assert a[1]["loss"] - a[6]["loss"] > 0.1  # it trains
+    # max_grad_norm clips the averaged sparse update under DGS (docs/dgs.md): its norm is measured and logged
+    assert all(math.isfinite(a[s]["grad_norm"]) and a[s]["grad_norm"] > 0 for s in a), a
 
 
 def test_dgs_needs_multi_process_ddp(tmp_path, capsys, tiny_dir, corpus):

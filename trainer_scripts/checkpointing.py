@@ -55,6 +55,10 @@ def _problem(path: str) -> str | None:
         files = dict(state["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{STATE_FILE}: {type(e).__name__}"
+    planted = sorted(n for n in os.listdir(path) if n.startswith("custom_checkpoint_"))
+    if planted:  # accelerate unpickles these with weights_only=False: code execution from a planted file
+        return (f"{planted[0]} is a pickle that accelerate would load with weights_only=False and this script never "
+                "writes; delete it if you did not put it there")
     for name, expected in sorted(files.items()):
         p = os.path.join(path, name)
         size, digest = (expected, None) if isinstance(expected, int) else (expected.get("size"), expected.get("sha256"))
