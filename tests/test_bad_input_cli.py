@@ -181,6 +181,8 @@ CASES = [
      lambda ws: write(ws / "o.yaml", "router_init_std: .nan\n"), None, "router_init_std"),
     ("yaml-inf-extra-config", [C, "{dense}", "{out}", "--config", "{ws}/o.yaml"],
      lambda ws: write(ws / "o.yaml", "extra_config: {router_aux_loss_coef: .inf}\n"), None, "router_aux_loss_coef"),
+    ("yaml-wrong-type-extra-config", [C, "{dense}", "{out}", "--config", "{ws}/o.yaml"],
+     lambda ws: write(ws / "o.yaml", "extra_config: {norm_topk_prob: maybe}\n"), None, "norm_topk_prob"),
     ("verify-nan-threshold", [V, "{dense}", "{moe}", "--max-logit-diff", "nan"], None, None, "finite"),
     ("verify-inf-threshold", [V, "{dense}", "{moe}", "--max-ppl-increase", "inf"], None, None, "finite"),
     ("experiment-nan", [X, str(REPO / "experiments" / "smoke.yaml"), "--dry-run", "--out", "{out}",

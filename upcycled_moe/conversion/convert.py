@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
+
 import torch
 
 from .errors import UpcycleError, VerificationFailed, reason, step
@@ -113,7 +115,7 @@ def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the grouped-GEMM multiple-of-8 hint is for training, not conversion
             config = UpcycledMoeConfig(**fields)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, StrictDataclassError) as exc:  # the config is a strict dataclass: wrong types
         raise UpcycleError(f"invalid MoE config: {reason(exc)}") from None
     config.dtype = dtype
     config.architectures = ["UpcycledMoeForCausalLM"]
