@@ -21,9 +21,9 @@ How the comparison is kept fair
 - One budget: ``max_steps = budget.tokens // (micro_batch_size x accumulation x block_size)`` for every arm; held-out
   loss at the same steps (``budget.eval_interval_tokens``) on the same held-out blocks.
 
-FLOPs: training FLOPs per token = 6 x N_active + 6 x n_layers x block_size x n_heads x head_dim, where N_active
-is every parameter one token multiplies (routed experts counted top_k / num_experts of their size, the tied LM head
-once, the embedding lookup not), exactly as ``trainer_scripts.metrics.flops_per_token``; FLOPs after a step =
+FLOPs: training FLOPs per token = ``trainer_scripts.metrics.flops_per_token``: 6 x N_active + 12 x n_heads x head_dim
+x the (query, key) pairs each layer attends per token, where N_active is every parameter one token multiplies (routed
+experts counted top_k / num_experts of their size, the tied LM head once, the embedding lookup not); FLOPs after a step =
 tokens seen x FLOPs per token. (Calibration forward passes of ``scaling: calibrated`` are not counted.)
 
 Runs are stored under ``runs_dir`` in a folder named by a fingerprint of everything that determines the result
