@@ -475,7 +475,8 @@ def register_dgs(
     process_group: dist.ProcessGroup | None = None,
 ) -> DGSState:
     """Register the DGS hook on a DDP model (e.g. the one ``accelerator.prepare`` returns when
-    ``num_processes > 1``) and return its state (checkpoint it: ``accelerator.register_for_checkpointing(state)``).
+    ``num_processes > 1``) and return its state (checkpoint it with ``save_state_files(state.state_dict(), folder)``
+    and restore it with ``state.load_state_dict(load_state_files(folder))``: no pickle involved).
 
     Use a plain optimizer step afterwards: ``torch.optim.SGD(params, lr=eta, momentum=0, weight_decay=0)``; the
     momentum ``m`` and weight decay ``lambda`` live in the hook. Must be called before the first backward pass.
