@@ -45,7 +45,7 @@ def max_logit_diff(dense, moe, ids):
 
 
 def greedy(model, ids, n=30):
-    return verify_greedy(model, ids, n)  # exactly n tokens, KV cache, EOS ignored
+    return verify_greedy(model, ids, n, stop_at_eos=False)  # exactly n tokens, KV cache
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -79,6 +79,40 @@ def test_aux_weight_does_not_change_with_gradient_accumulation(tmp_path):
         assert aux_part.abs().max() > 1e-3
 
 
+def test_aux_weight_under_accumulation_with_unequal_label_counts(tmp_path):
+    """Micro-batches with different numbers of label tokens: Trainer's accumulated step must equal one SGD step on
+    the objective written out by hand, sum_i [CE_i / N + (n_i / N) (a * aux_i + z * zloss_i)] (n_i: micro-batch i's
+    label tokens, N: the batch's). A per-micro-batch mean (1 / accumulation) is a different, wrong step."""
+    coef = 5.0
+    text = byte_blocks("The router balances tokens across experts; " * 3 + "Padding and prompts carry no labels. " * 3, 2)
+    masked = [-100] * 24 + text[1][24:]  # second sequence: only its last 8 tokens are labels
+    dataset = Dataset.from_dict({"input_ids": text, "labels": [text[0], masked]})
+    model = tiny_moe(router_aux_loss_coef=coef, router_z_loss_coef=coef / 10)
+    train(model, dataset, tmp_path, max_steps=1, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+          per_device_train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0)  # plain SGD step
+    got = {n: p.detach() for n, p in model.named_parameters() if ".mlp.gate." in n}
+
+    def hand_step(share):
+        reference = tiny_moe(router_aux_loss_coef=coef, router_z_loss_coef=coef / 10).train()
+        counts = [sum(t != -100 for t in labels[1:]) for labels in dataset["labels"]]
+        total = sum(counts)
+        objective = 0.0
+        for ids, labels, n in zip(dataset["input_ids"], dataset["labels"], counts):
+            ids, labels = torch.tensor([ids]), torch.tensor([labels])
+            out = reference(ids, output_router_logits=True)
+            ce = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100,
+                                                   reduction="sum")
+            objective = objective + ce / total + share(n, total) * (coef * out.aux_loss + coef / 10 * out.z_loss)
+        objective.backward()
+        return {n: (p - p.grad).detach() for n, p in reference.named_parameters() if ".mlp.gate." in n}
+
+    expected = hand_step(lambda n, total: n / total)
+    mean_per_micro_batch = hand_step(lambda n, total: 0.5)
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+        assert (mean_per_micro_batch[name] - expected[name]).abs().max() > 1e-4  # the test tells the two apart
+
+
 RANK_SCRIPT = textwrap.dedent(
     """
     import sys, torch

@@ -100,7 +100,8 @@ def verify_text(results: dict | None) -> str:
         f"| mean KL(dense ‖ moe) | {results['mean_kl']:.3g} |",
         f"| perplexity dense | {results['ppl_dense']:.4f} |",
         f"| perplexity MoE | {results['ppl_moe']:.4f} ({100 * (results['ppl_ratio'] - 1):+.2f} %) |",
-        f"| greedy generation of {results['generated_tokens']} tokens identical | {results['greedy_match']} |",
+        f"| greedy answer identical ({results.get('generated_length', results['generated_tokens'])} tokens, to EOS or "
+        f"{results['generated_tokens']}) | {results['greedy_match']} |",
     ]
     return f"On {results['tokens']} tokens of held-out text ({results['dtype']}):\n\n" + "\n".join(rows)
 
