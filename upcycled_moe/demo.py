@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer_scripts.continued_pretraining import run
     from trainer_scripts.data import write_pydoc_corpus
     from upcycled_moe.conversion import upcycle
+    from upcycled_moe.conversion.errors import VerificationFailed
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
@@ -90,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     t = stage("1. upcycle SmolLM2-135M-Instruct and verify it against the dense model",
               f"upcycle-moe convert {SOURCE} {moe_dir} --num-experts {args.num_experts} --top-k {args.top_k} "
               "--dtype bfloat16 --verify")
-    upcycle(SOURCE, moe_dir, num_experts=args.num_experts, top_k=args.top_k, dtype="bfloat16", verify=True, quiet=False)
+    try:
+        upcycle(SOURCE, moe_dir, num_experts=args.num_experts, top_k=args.top_k, dtype="bfloat16", verify=True,
+                quiet=False)
+    except VerificationFailed as exc:  # the upcycled model does not start where the dense model was
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     verified = json.loads((moe_dir / "config.json").read_text())["upcycling"]["verify"]
     print(f"[{time.perf_counter() - t:.0f} s]")
 
