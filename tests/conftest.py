@@ -196,3 +196,22 @@ def make_tiny_moe_dir(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# the training commands' subprocesses: the checkout importable, nothing from the network
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A tiny random UpcycledMoe with the real tokenizer (make_tiny_moe_dir), one per test module."""
+    return make_tiny_moe_dir(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Python's bundled documentation as a JSON-lines corpus, real text."""
+    from trainer_scripts.data import write_pydoc_corpus
+
+    return Path(write_pydoc_corpus(str(tmp_path_factory.mktemp("data") / "pydoc_topics.jsonl")))

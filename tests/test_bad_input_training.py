@@ -19,25 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, make_tiny_moe_dir
+from conftest import ENV, REPO_ROOT
 from trainer_scripts import continued_pretraining, finetune
 from trainer_scripts.checkpointing import list_checkpoints
 from trainer_scripts.config import PretrainConfig, build_config
-from trainer_scripts.data import write_pydoc_corpus
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1"}
 PRETRAIN, FINETUNE = "upcycle-moe-pretrain", "upcycle-moe-finetune"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    return make_tiny_moe_dir(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return Path(write_pydoc_corpus(str(tmp_path_factory.mktemp("data") / "pydoc_topics.jsonl")))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from upcycled_moe.dgs import DGSState, dgs_hook, load_state_files, register_dgs, save_state_files, topk_count
+from upcycled_moe.dgs import DGSState, load_state_files, register_dgs, save_state_files, topk_count
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 300

@@ -2,7 +2,6 @@
 generation, attention/experts implementations, gradient checkpointing."""
 
 import math
-import warnings
 
 import pytest
 import torch

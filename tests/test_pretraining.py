@@ -18,25 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_tiny_moe_dir
+from conftest import ENV, REPO_ROOT
 from trainer_scripts.checkpointing import list_checkpoints
 from trainer_scripts.config import ConfigError, PretrainConfig, build_config, from_dict
 from trainer_scripts.continued_pretraining import lr_at, main, run
-from trainer_scripts.data import BlockOrder, Layout, write_pydoc_corpus
+from trainer_scripts.data import BlockOrder, Layout
 from trainer_scripts.metrics import flops_per_token, parameter_counts, read_jsonl
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    return make_tiny_moe_dir(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return Path(write_pydoc_corpus(str(tmp_path_factory.mktemp("data") / "pydoc_topics.jsonl")))
 
 
 def base_args(model: Path, data: Path, out: Path, **extra) -> list[str]:
