@@ -266,12 +266,22 @@ def _block_outputs(block, x, impl):
     return [out.detach(), xx.grad] + [p.grad.clone() for p in block.parameters()]
 
 
-@pytest.mark.parametrize("model", ["qwen3_moe", "qwen2_moe"])
-def test_registered_on_transformers_block(model):
-    transformers = pytest.importorskip("transformers")
+@pytest.fixture
+def fused_copy_registered():
+    """This file's copy of fused_moe registered as "upcycled_fused", and the package's put back afterwards: the
+    registry is global, and later tests spy on the package's module."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+    previous = ALL_EXPERTS_FUNCTIONS.get("upcycled_fused")
     ALL_EXPERTS_FUNCTIONS.register("upcycled_fused", fm.fused_experts_forward)
+    yield
+    if previous is not None:
+        ALL_EXPERTS_FUNCTIONS.register("upcycled_fused", previous)
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "qwen2_moe"])
+def test_registered_on_transformers_block(model, fused_copy_registered):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if model == "qwen3_moe":
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock as Block
