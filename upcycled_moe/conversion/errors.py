@@ -77,6 +77,19 @@ def step_of(exc: BaseException) -> str | None:
     return getattr(exc, "_upcycle_step", None)
 
 
+def read_utf8(path, what: str, fix: str = "save it as UTF-8") -> str:
+    """The text of a regular, readable UTF-8 file (options, configs, verification text); else one UpcycleError
+    saying which file and why. Every text input of the conversion tool is read here."""
+    regular_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as exc:
+        raise UpcycleError(f"{what} {os.fspath(path)!r} is not valid UTF-8 (byte {exc.start}): {fix}") from None
+    except OSError as exc:
+        raise UpcycleError(f"cannot read the {what}: {describe_os_error(exc)}") from None
+
+
 def regular_file(path, what: str = "file") -> None:
     """Refuse anything but a regular file before opening it: a FIFO would block the read forever, a device or a
     folder gives a confusing error later."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UpcycleError, describe_os_error, finite_number, reason, regular_file
+from .errors import UpcycleError, finite_number, read_utf8, reason
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
 SCALINGS = ("exact", "paper", "calibrated", "none")
@@ -109,15 +109,11 @@ class UpcycleOptions:
         import yaml
 
         path = Path(path)
-        regular_file(path, "options file")
+        text = read_utf8(path, "options file")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UpcycleError(f"options file {str(path)!r} is not valid UTF-8 (byte {exc.start}): save it as UTF-8") from None
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise UpcycleError(f"options file {str(path)!r} is not valid YAML: {reason(exc)}") from None
-        except OSError as exc:
-            raise UpcycleError(f"cannot read the options file: {describe_os_error(exc)}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

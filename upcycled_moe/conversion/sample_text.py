@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UpcycleError, describe_os_error, regular_file
+from .errors import UpcycleError, read_utf8
 
 
 def _topics(parity: int) -> str:
@@ -32,13 +32,7 @@ def read_text(path: str | None, default) -> str:
     if path is None:
         return default()
     p = Path(path).expanduser()
-    regular_file(p, "text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UpcycleError(f"text file {str(p)!r} is not valid UTF-8 (byte {exc.start}): save it as UTF-8") from None
-    except OSError as exc:
-        raise UpcycleError(f"cannot read the text file: {describe_os_error(exc)}") from None
+    text = read_utf8(p, "text file")
     if not text.strip():
         raise UpcycleError(f"text file {str(p)!r} is empty")
     return text

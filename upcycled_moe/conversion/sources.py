@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UpcycleError, describe_os_error, reason, regular_file
+from .errors import UpcycleError, describe_os_error, read_utf8, reason, regular_file
 from .families import GGUF_ARCHITECTURES, SUPPORTED_FAMILIES, check_supported
 
 SAFETENSORS_DTYPES = {
@@ -340,15 +340,11 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 def read_json(path: Path, what: str):
     """A JSON file that must be regular, readable, UTF-8 and valid JSON; else one line saying which and why."""
-    regular_file(path, what)
+    text = read_utf8(path, what, fix="the file is damaged")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise UpcycleError(f"{what} {path} is not valid UTF-8 (byte {exc.start}): the file is damaged") from None
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UpcycleError(f"{what} {path} is not valid JSON: {exc}") from None
-    except OSError as exc:
-        raise UpcycleError(f"cannot read the {what}: {describe_os_error(exc)}") from None
 
 
 def read_config_json(folder: Path) -> dict:
