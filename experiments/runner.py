@@ -58,6 +58,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # trainer_scripts / upcycled_moe importable from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from trainer_scripts.checkpointing import sha256_of  # noqa: E402
 from trainer_scripts.config import ConfigError, PretrainConfig  # noqa: E402
 
 def _package_dir(name: str) -> Path:
@@ -526,8 +527,7 @@ def _hash_files(paths, n: int = 16) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+        digest.update(sha256_of(path).encode())
     return digest.hexdigest()[:n]
 
 

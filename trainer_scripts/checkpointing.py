@@ -39,9 +39,13 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def sha256_of(path: str) -> str:
+def sha256_of(path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (hashlib.file_digest needs Python 3.11; we support 3.10)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _problem(path: str) -> str | None:
