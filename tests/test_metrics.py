@@ -150,3 +150,20 @@ def test_packing_drops_only_the_final_remainder_over_several_map_batches(smollm2
     assert kept == flat[: len(kept)]
     if streaming:  # a second pass (the next epoch) gives the same blocks
         assert [r["input_ids"] for r in packed] == blocks
+
+
+def test_loss_curves_show_router_loss_values_without_axis_offset():
+    """The aux loss of a balanced run moves in the fourth decimal: every y tick must read as the value itself, with
+    no "+4.324"-style offset text in the corner that a reader misses."""
+    records = [{"step": s, "loss": 3.0 - 0.01 * s, "lm_loss": 2.99 - 0.01 * s, "aux_loss": 4.3241 + 1e-4 * (s % 3),
+                "z_loss": 12.5001 + 1e-4 * s} for s in range(1, 20)]
+    records.append({"step": 19, "eval/loss": 2.9, "eval/perplexity": 18.2})
+    fig = metrics.loss_curves_figure(records)
+    fig.canvas.draw()
+    axes = fig.get_axes()
+    assert len(axes) == 3, axes  # loss, aux loss, z-loss (twin axis)
+    for ax in axes:
+        assert ax.yaxis.get_offset_text().get_text() == "", ax.get_ylabel()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert labels and all(float(t.replace("\u2212", "-")) > 1 for t in labels), (ax.get_ylabel(), labels)
+    assert metrics.loss_curves_figure([{"step": 1, "expert_load": [[0.5, 0.5]]}]) is None

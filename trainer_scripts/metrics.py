@@ -204,6 +204,43 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+def loss_curves_figure(records: list[dict]):
+    """The loss panels, or None without losses. Tick labels show the values themselves: the router losses move in
+    the fourth decimal, and matplotlib's default axis offset (a corner "+4.324") hid them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/perplexity" in r]
+    if not (train or evals):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    axes = [ax1, ax2]
+    if train:
+        steps = [r["step"] for r in train]
+        ax1.plot(steps, [r["loss"] for r in train], label="loss (lm + router terms)")
+        ax1.plot(steps, [r["lm_loss"] for r in train], label="lm loss", alpha=0.8)
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="held-out lm loss")
+    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
+    ax1.set_title("training loss")
+    if train:
+        ax2.plot(steps, [r["aux_loss"] for r in train], label="load-balancing (aux) loss")
+        ax2.set_ylabel("aux loss (1.0 = balanced)")
+        ax2b = ax2.twinx()
+        ax2b.plot(steps, [r["z_loss"] for r in train], color="tab:red", alpha=0.6, label="z-loss")
+        ax2b.set_ylabel("z-loss")
+        ax2.legend(loc="upper left"), ax2b.legend(loc="upper right")
+        axes.append(ax2b)
+    ax2.set_xlabel("step"), ax2.set_title("router losses"), ax2.grid(alpha=0.3)
+    for ax in axes:
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------------- plots
 def plot_run(metrics_path: str, out_dir: str, sparse_layers: list[int]) -> list[str]:
     """loss_curves.png and expert_load_heatmap.png (mean of the logged ``expert_load`` over the whole run, resumes
@@ -215,27 +252,8 @@ def plot_run(metrics_path: str, out_dir: str, sparse_layers: list[int]) -> list[
 
     records = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
     written = []
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval/perplexity" in r]
-    if train or evals:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        if train:
-            steps = [r["step"] for r in train]
-            ax1.plot(steps, [r["loss"] for r in train], label="loss (lm + router terms)")
-            ax1.plot(steps, [r["lm_loss"] for r in train], label="lm loss", alpha=0.8)
-        if evals:
-            ax1.plot([r["step"] for r in evals], [r["eval/loss"] for r in evals], "o-", label="held-out lm loss")
-        ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.legend(), ax1.grid(alpha=0.3)
-        ax1.set_title("training loss")
-        if train:
-            ax2.plot(steps, [r["aux_loss"] for r in train], label="load-balancing (aux) loss")
-            ax2.set_ylabel("aux loss (1.0 = balanced)")
-            ax2b = ax2.twinx()
-            ax2b.plot(steps, [r["z_loss"] for r in train], color="tab:red", alpha=0.6, label="z-loss")
-            ax2b.set_ylabel("z-loss")
-            ax2.legend(loc="upper left"), ax2b.legend(loc="upper right")
-        ax2.set_xlabel("step"), ax2.set_title("router losses"), ax2.grid(alpha=0.3)
-        fig.tight_layout()
+    fig = loss_curves_figure(records)
+    if fig is not None:
         fig.savefig(os.path.join(out_dir, "loss_curves.png"), dpi=110)
         plt.close(fig)
         written.append("loss_curves.png")
