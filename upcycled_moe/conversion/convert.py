@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from .methods import (
     place_scale,
     router_weight,
     selected_mass,
+    shard_slice,
 )
 from .options import UpcycleOptions
 from .sample_text import calibration_text, read_text
@@ -86,6 +88,28 @@ class ConversionPlan:
     scales: dict[int, float]
     calibration: dict[int, float] = field(default_factory=dict)
     tensors: list[TensorPlan] = field(default_factory=list)
+    # Several sources (multi_source.py); left empty, every expert is a shard of `source`, as in plain upcycling.
+    experts: list[ExpertSlot] = field(default_factory=list)
+    shared_source: DenseSource | None = None
+    averaged: list[DenseSource] = field(default_factory=list)  # non-FFN tensors averaged over these (BTX)
+    router_init: str = "upcycle"
+    routers: dict[int, torch.Tensor] = field(default_factory=dict)  # precomputed rows (prompt-initialised)
+
+    def expert_slots(self) -> list[ExpertSlot]:
+        """Which dense FFN rows each routed expert is built from."""
+        if self.experts:
+            return self.experts
+        width = self.config.intermediate_size
+        return [ExpertSlot(self.source, shard_slice(e, self.options.granularity, width))
+                for e in range(self.options.num_experts)]
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Routed expert e = rows `rows` of the intermediate dimension of `source`'s FFN (its gate/up rows, down columns)."""
+
+    source: DenseSource
+    rows: slice
 
 
 def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.dtype):
@@ -128,8 +152,17 @@ def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.
 
 
 def layer_router(plan: ConversionPlan, layer: int) -> torch.Tensor:
-    """The router of `layer` exactly as stored (in the output dtype)."""
+    """The router of `layer` exactly as stored (in the output dtype).
+
+    upcycle: small normal rows tied in virtual groups (near function-preserving); random: independent normal rows
+    of the model's initializer_range (a router meant to be trained); hidden / cheap_embed: rows computed from
+    prompts before the plan (multi_source.prompt_routers)."""
     o, cfg = plan.options, plan.config
+    if plan.routers:
+        return plan.routers[layer].to(plan.dtype)
+    if plan.router_init == "random":
+        g = generator_for(o.seed, "router-random", layer)
+        return router_weight(o.num_experts, 1, cfg.hidden_size, cfg.initializer_range, g).to(plan.dtype)
     g = generator_for(o.seed, "router", layer)
     return router_weight(o.num_experts, o.granularity, cfg.hidden_size, o.router_init_std, g).to(plan.dtype)
 
@@ -144,11 +177,18 @@ def base_scales(options: UpcycleOptions, layers: list[int], norm_topk_prob: bool
     return {i: s for i in layers}
 
 
-def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None) -> ConversionPlan:
-    """Config, scales (calibrated if asked) and the list of tensor plans in the model's state-dict order."""
+def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None, to: str | None = None,
+                    before_weights=None) -> ConversionPlan:
+    """Config, scales (calibrated if asked) and the list of tensor plans in the model's state-dict order.
+
+    `before_weights(plan)` fills in the multi-source fields and runs the checks that need the config; it is called
+    before calibration, the first step that reads weights."""
     dtype = _torch_dtype(options.dtype, source)
     config, layers = build_moe_config(source, options, dtype)
+    check_export_target(to, config)
     plan = ConversionPlan(source, options, config, dtype, layers, base_scales(options, layers, config.norm_topk_prob))
+    if before_weights is not None:
+        before_weights(plan)
     if options.scaling == "calibrated":
         plan.calibration = measure_selected_mass(plan, tokenizer=tokenizer)
         target = 1.0 - SHARED_EXPERT_SHARE if options.shared_expert else 1.0
@@ -158,20 +198,21 @@ def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None
 
 
 class DenseMlpCache:
-    """The dense FFN matrices of one layer in float32, kept while that layer's expert tensors are produced."""
+    """The dense FFN matrices of one (source, layer) in float32, kept while the experts built from it are produced.
+    Only one is held at a time, so memory does not grow with the number of sources."""
 
-    def __init__(self, source: DenseSource, gated: bool):
-        self.source, self.gated = source, gated
-        self.layer, self.value = None, None
+    def __init__(self, gated: bool):
+        self.gated = gated
+        self.key, self.value = None, None
 
-    def get(self, layer: int):
-        if self.layer != layer:
-            self.value = None  # free the previous layer first
+    def get(self, source: DenseSource, layer: int):
+        if self.key != (id(source), layer):
+            self.value = None  # free the previous one first
             prefix = f"model.layers.{layer}.mlp."
-            gate = self.source.get(prefix + "gate_proj.weight").float() if self.gated else None
-            up = self.source.get(prefix + "up_proj.weight").float()
-            down = self.source.get(prefix + "down_proj.weight").float()
-            self.layer, self.value = layer, (gate, up, down)
+            gate = source.get(prefix + "gate_proj.weight").float() if self.gated else None
+            up = source.get(prefix + "up_proj.weight").float()
+            down = source.get(prefix + "down_proj.weight").float()
+            self.key, self.value = (id(source), layer), (gate, up, down)
         return self.value
 
 
@@ -193,13 +234,34 @@ def _copy_producer(source: DenseSource, name: str, dtype: torch.dtype, multiplie
     return produce
 
 
+def _average_producer(sources: list[DenseSource], name: str, dtype: torch.dtype):
+    """The element-wise mean of one tensor over several sources (Branch-Train-MiX's non-FFN weights), in row chunks:
+    one accumulator and one source chunk alive at a time, whatever the number of sources."""
+
+    def produce():
+        shape = sources[0].shape(name)
+        rows = [None] if not shape else None
+        if rows is None:
+            step = max(1, COPY_CHUNK_BYTES // (8 * max(1, math.prod(shape[1:]))))
+            rows = [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+        for r in rows:
+            total = None
+            for src in sources:
+                chunk = (src.get(name) if r is None else src.get(name, r)).float()
+                total = chunk if total is None else total.add_(chunk)
+            total /= len(sources)
+            yield total.to(dtype).reshape(1) if r is None else total.to(dtype)
+
+    return produce
+
+
 def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
     """One TensorPlan per tensor of the MoE model, in its state-dict order, checked against the model class."""
     from ..modeling_upcycled_moe import UpcycledMoeForCausalLM
 
     source, o, cfg, dtype = plan.source, plan.options, plan.config, plan.dtype
     gated = is_gated(source.model_type)
-    cache = DenseMlpCache(source, gated)
+    cache = DenseMlpCache(gated)
     recipes = {
         i: ExpertRecipe(
             granularity=o.granularity,
@@ -230,7 +292,8 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
         if m and layer in sparse:
             produce = _sparse_producer(plan, cache, recipes[layer], layer, m.group(2), gated)
         elif name in dense_names:
-            produce = _copy_producer(source, name, dtype)
+            produce = (_average_producer(plan.averaged, name, dtype) if plan.averaged
+                       else _copy_producer(source, name, dtype))
         else:
             raise RuntimeError(f"no rule builds {name}: the model class and the conversion disagree (contract drift)")
         plans.append(TensorPlan(name, shape, dtype, produce))
@@ -239,12 +302,12 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
 
 def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
     """Producers for a sparse layer's router, routed experts (one expert per chunk) and shared expert."""
-    n, dtype = plan.options.num_experts, plan.dtype
+    dtype, slots = plan.dtype, plan.expert_slots()
 
     def experts(which):
         def produce():
-            for e in range(n):
-                g, u, d = build_expert(*cache.get(layer), e, layer, recipe)
+            for e, slot in enumerate(slots):
+                g, u, d = build_expert(*cache.get(slot.source, layer), e, layer, recipe, rows=slot.rows)
                 out = torch.cat([g, u], dim=0) if which == "gate_up_proj" else (u if which == "up_proj" else d)
                 del g, u, d  # only this expert's chunk stays alive while it is written
                 yield out.unsqueeze(0).to(dtype)
@@ -262,7 +325,7 @@ def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
     if shared:
         name = f"model.layers.{layer}.mlp.{shared.group(1)}.weight"
         scaled = plan.options.scaling != "none" and shared.group(1) == "down_proj"
-        return _copy_producer(plan.source, name, dtype, SHARED_EXPERT_SHARE if scaled else 1.0)
+        return _copy_producer(plan.shared_source or plan.source, name, dtype, SHARED_EXPERT_SHARE if scaled else 1.0)
     raise RuntimeError(f"no rule builds model.layers.{layer}.mlp.{leaf} (contract drift)")
 
 
@@ -365,19 +428,19 @@ def _say(quiet: bool, message: str):
         print(message, flush=True)
 
 
-def upcycle(source, output, *, quiet: bool = True, tokenizer=None, **options) -> Path:
+def upcycle(source, output, *, quiet: bool = True, tokenizer=None, to: str | None = None, **options) -> Path:
     """Convert a dense checkpoint into an UpcycledMoe folder at `output` (streamed, atomic). Returns the path.
 
-    `options` are UpcycleOptions fields (or pass `options=UpcycleOptions(...)`). Raises UpcycleError on bad input,
-    always before `output` is touched. With `verify=True`, a failed verification raises VerificationFailed after
-    the model is written (its card and config record the measurement).
+    `options` are UpcycleOptions fields (or pass `options=UpcycleOptions(...)`). `to` writes a stock Mixtral /
+    Qwen2-MoE / Qwen3-MoE instead (refused before any weight is read when it cannot express the model). Raises
+    UpcycleError on bad input, always before `output` is touched. With `verify=True`, a failed verification raises
+    VerificationFailed after the model is written (its card and config record the measurement).
     """
     opts = options.pop("options", None)
     opts = UpcycleOptions.from_dict(opts.to_dict() if opts is not None else {}, **options)
     start = time.perf_counter()
-    with step("reading the text files"):
-        texts = {name: read_text(getattr(opts, name), None) for name in ("verify_text", "calibration_text")
-                 if getattr(opts, name) is not None}
+    check_export_target(to)
+    texts = read_option_texts(opts)
     local = Path(source).expanduser() if isinstance(source, (str, Path)) else None
     source_folder = None
     if local is not None and local.exists():
@@ -389,40 +452,82 @@ def upcycle(source, output, *, quiet: bool = True, tokenizer=None, **options) ->
     if opts.verify:
         _check_verify_tokenizer(tokenizer or src.load_tokenizer(), texts.get("verify_text"), opts.verify_text)
     with step("planning the conversion"):
-        plan = plan_conversion(src, opts, tokenizer=tokenizer)
+        plan = plan_conversion(src, opts, tokenizer=tokenizer, to=to)
         plan.config.upcycling = provenance(plan)
     _say(quiet, f"upcycling {src.description.get('path') or src.description.get('hub_id') or 'model'} "
                 f"({src.model_type}) into {opts.num_experts} experts top-{opts.top_k}, G={opts.granularity}, "
                 f"router {opts.router}, scaling {opts.scaling}, {len(plan.tensors)} tensors")
-    failed: list[str] = []
-    with step(f"writing {out}"), AtomicFolder(out, opts.overwrite) as tmp:
-        done = [0]
-
-        def progress(tensor_plan):
-            done[0] += 1
-            if not quiet and (done[0] % 50 == 0 or done[0] == len(plan.tensors)):
-                print(f"  wrote {done[0]}/{len(plan.tensors)} tensors", flush=True)
-
-        write_sharded(tmp, plan.tensors, opts.max_shard_size, progress=progress)
-        write_side_files(tmp, plan)
-        results = None
-        if opts.verify:
-            from .verify import failures, format_report, verify
-
-            _say(quiet, "verifying against the dense model ...")
-            with step("verifying the MoE against the dense model"):
-                dense = src.load_dense_model(torch.float32)
-                results = verify(dense, tmp, text=texts.get("verify_text"), tokenizer=src.load_tokenizer())
-            _say(quiet, format_report(results))
-            failed = failures(results, require_greedy_match=opts.function_preserving)
-            plan.config.upcycling["verify"] = results
-            plan.config.save_pretrained(tmp)
-        write_model_card(tmp, plan, results)
+    write_conversion(plan, out, texts=texts, quiet=quiet, to=to)
     _say(quiet, f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    return out
+
+
+def read_option_texts(opts: UpcycleOptions) -> dict[str, str]:
+    """The verification and calibration texts, read (and checked) before anything else."""
+    with step("reading the text files"):
+        return {name: read_text(getattr(opts, name), None) for name in ("verify_text", "calibration_text")
+                if getattr(opts, name) is not None}
+
+
+def check_export_target(to: str | None, config=None) -> None:
+    """`to` names a stock target, and (once the config exists) that target can express the model exactly."""
+    from .export import TARGETS, inexpressible
+
+    if to is None:
+        return
+    if to not in TARGETS:
+        raise UpcycleError(f"unknown export target {to!r}; choose one of {list(TARGETS)}")
+    reasons = inexpressible(config, to) if config is not None else []
+    if reasons:
+        raise UpcycleError(f"this model cannot be exported to {to} exactly: " + "; ".join(reasons)
+                           + " (leave out --to to write an UpcycledMoe model)")
+
+
+def write_conversion(plan: ConversionPlan, out: Path, *, texts: dict, quiet: bool, to: str | None = None) -> None:
+    """Write the planned MoE at `out` (atomically), or export it to the stock `to` through a temporary sibling."""
+    opts = plan.options
+    if to is None:
+        with step(f"writing {out}"), AtomicFolder(out, opts.overwrite) as tmp:
+            failed = _write_moe(plan, tmp, texts, quiet)
+    else:
+        from .export import export
+
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.moe-", dir=out.parent) as work:
+            with step(f"writing the MoE to export it to {to}"):
+                failed = _write_moe(plan, Path(work), texts, quiet)
+            with step(f"exporting to {out}"):
+                export(work, out, to, overwrite=opts.overwrite, max_shard_size=opts.max_shard_size)
     if failed:
         raise VerificationFailed(f"verify failed: {'; '.join(failed)} (the model was written to {out}; its card "
                                  "records the measurement)")
-    return out
+
+
+def _write_moe(plan: ConversionPlan, folder: Path, texts: dict, quiet: bool) -> list[str]:
+    """Shards, side files, optional verification and the card into `folder`; returns the failed checks."""
+    opts, src = plan.options, plan.source
+    done = [0]
+
+    def progress(tensor_plan):
+        done[0] += 1
+        if not quiet and (done[0] % 50 == 0 or done[0] == len(plan.tensors)):
+            print(f"  wrote {done[0]}/{len(plan.tensors)} tensors", flush=True)
+
+    write_sharded(folder, plan.tensors, opts.max_shard_size, progress=progress)
+    write_side_files(folder, plan)
+    results, failed = None, []
+    if opts.verify:
+        from .verify import failures, format_report, verify
+
+        _say(quiet, "verifying against the dense model ...")
+        with step("verifying the MoE against the dense model"):
+            dense = src.load_dense_model(torch.float32)
+            results = verify(dense, folder, text=texts.get("verify_text"), tokenizer=src.load_tokenizer())
+        _say(quiet, format_report(results))
+        failed = failures(results, require_greedy_match=opts.function_preserving)
+        plan.config.upcycling["verify"] = results
+        plan.config.save_pretrained(folder)
+    write_model_card(folder, plan, results)
+    return failed
 
 
 def _check_verify_tokenizer(tokenizer, text: str | None, path) -> None:

@@ -207,12 +207,14 @@ class ExpertRecipe:
     seed: int = 0
 
 
-def build_expert(gate, up, down, expert: int, layer: int, recipe: ExpertRecipe):
+def build_expert(gate, up, down, expert: int, layer: int, recipe: ExpertRecipe, rows: slice | None = None):
     """Routed expert `expert` of `layer` from the dense FFN matrices (float32; gate None for plain MLPs).
 
-    Order: take the shard → Drop-Upcycling → noise → scaling (the redraw statistics are those of the dense shard).
+    Order: take the shard (`rows`, by default shard expert % G) → Drop-Upcycling → noise → scaling (the redraw
+    statistics are those of the dense shard).
     """
-    rows = shard_slice(expert, recipe.granularity, up.shape[0])
+    if rows is None:
+        rows = shard_slice(expert, recipe.granularity, up.shape[0])
     gate = gate[rows] if gate is not None else None
     up, down = up[rows], down[:, rows]
     if recipe.drop_ratio > 0:

@@ -106,19 +106,7 @@ class UpcycleOptions:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "UpcycleOptions":
         """Options from a YAML mapping; command-line values given in `overrides` win."""
-        import yaml
-
-        path = Path(path)
-        text = read_utf8(path, "options file")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UpcycleError(f"options file {str(path)!r} is not valid YAML: {reason(exc)}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise UpcycleError(f"options file {str(path)!r} must hold a mapping of option names to values")
-        return cls.from_dict(data, **overrides)
+        return cls.from_dict(read_yaml_mapping(path), **overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +224,23 @@ class UpcycleOptions:
         if bad:
             raise UpcycleError(f"moe_layers {bad} out of range: the source has {num_layers} layers (0..{num_layers - 1})")
         return sorted(spec)
+
+
+def read_yaml_mapping(path: str | Path, what: str = "options file") -> dict:
+    """A YAML file holding a mapping (an empty file is an empty mapping); else one line naming the file."""
+    import yaml
+
+    path = Path(path)
+    text = read_utf8(path, what)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UpcycleError(f"{what} {str(path)!r} is not valid YAML: {reason(exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UpcycleError(f"{what} {str(path)!r} must hold a mapping of option names to values")
+    return data
 
 
 def normalise_moe_layers(spec) -> str | list[int]:
