@@ -16,6 +16,17 @@ MLP_LAYER_TYPES = ("sparse", "dense")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def _parallel_styles():
+    """Names of the parallel styles the installed transformers registers (none without torch.distributed). Read
+    from the registry rather than the version: the expert-parallel vocabulary changed in 5.21."""
+    try:
+        import transformers.distributed.mixin  # noqa: F401  (registers the expert-parallel styles where they exist)
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+    except ImportError:
+        return ()
+    return tuple(ALL_PARALLEL_STYLES.keys())
+
+
 @strict
 class UpcycledMoeConfig(PreTrainedConfig):
     r"""Dense fields follow transformers' Llama/Qwen3/Nemotron names; MoE fields follow Qwen3-MoE's.
@@ -58,6 +69,57 @@ class UpcycledMoeConfig(PreTrainedConfig):
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
         "norm": (["hidden_states"], ["hidden_states"]),
     }
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan in transformers' vocabulary (Qwen3-MoE's, plus our plain experts and shared expert):
+        heads split colwise/rowwise, q/k norms replicated (per head, so they need no collective), routed experts split
+        along their width with one all-reduce per MoE block, the router replicated. Only the rules for modules this
+        config builds, so transformers warns about none. The LM head's rule is the causal-LM class's `_tp_plan`."""
+        if "base_model_tp_plan" in self.__dict__:  # set on the instance (5.17 adds the tied embedding's rule so)
+            return self.__dict__["base_model_tp_plan"]
+        gated, dense, sparse = self.mlp_gated, "dense" in self.mlp_layer_types, "sparse" in self.mlp_layer_types
+        plan = {"embed_tokens": "embedding_rowwise"}
+        plan.update({f"layers.*.self_attn.{name}_proj": "colwise" for name in ("q", "k", "v")})
+        if self.qk_norm:
+            plan.update({f"layers.*.self_attn.{name}_norm": "replicated_with_grad_allreduce" for name in ("q", "k")})
+        plan["layers.*.self_attn.o_proj"] = "rowwise"
+        ffns = ["layers.*.mlp"] if dense else []  # the dense layers' FFN ...
+        if sparse and self.num_shared_experts:
+            ffns.append("layers.*.mlp.shared_expert")  # ... and the shared expert: colwise in, rowwise out
+        for ffn in ffns:
+            plan.update({f"{ffn}.gate_proj": "colwise"} if gated else {})
+            plan.update({f"{ffn}.up_proj": "colwise", f"{ffn}.down_proj": "rowwise"})
+        if sparse:
+            # gate_up_proj holds [gate rows; up rows]: packed_colwise gives each rank matching slices of both
+            plan["layers.*.mlp.experts.gate_up_proj" if gated else "layers.*.mlp.experts.up_proj"] = (
+                "packed_colwise" if gated else "colwise"
+            )
+            plan["layers.*.mlp.experts.down_proj"] = "rowwise"
+            plan["layers.*.mlp.experts"] = "moe_tp_experts"
+        return plan
+
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan):
+        self.__dict__["base_model_tp_plan"] = plan  # never serialised: transformers drops this key on save
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert-parallel plan: whole experts per rank (`grouped_gemm` shards the expert dimension), in the
+        vocabulary of the installed transformers. Releases that know `ep_dispatch_experts` (5.21+) route tokens to the
+        experts' ranks through it and apply the TP plan to the rest; older ones (5.17-5.20) apply this plan alone,
+        masking the router's choices to each rank's experts (`ep_router`) and summing the partial outputs
+        (`moe_tp_experts`). Empty without sparse layers (transformers then refuses expert parallelism clearly)."""
+        if "sparse" not in self.mlp_layer_types:
+            return {}
+        proj = "gate_up_proj" if self.mlp_gated else "up_proj"
+        plan = {f"layers.*.mlp.experts.{proj}": "grouped_gemm", "layers.*.mlp.experts.down_proj": "grouped_gemm"}
+        styles = _parallel_styles()
+        if "ep_dispatch_experts" in styles:
+            return {**plan, "layers.*.mlp.experts": "ep_dispatch_experts"}
+        if "ep_router" in styles:
+            return {"layers.*.mlp.gate": "ep_router", **plan, "layers.*.mlp.experts": "moe_tp_experts"}
+        return {}
 
     # dense part
     vocab_size: int = 32000

@@ -312,8 +312,8 @@ class ExpertsSentinelMixin:
     may receive them (`_is_expert_parallel`); capacity drops send them too."""
 
     @property
-    def _is_expert_parallel(self):
-        return self._receives_sentinels or self.config.capacity_factor is not None
+    def _is_expert_parallel(self):  # 5.17's experts decorator never sets it
+        return getattr(self, "_receives_sentinels", False) or self.config.capacity_factor is not None
 
     @_is_expert_parallel.setter
     def _is_expert_parallel(self, value):
@@ -423,6 +423,10 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)
         router_logits, top_k_weights, top_k_index = self.gate(flat, token_mask)
+        if self.gate.config.capacity_factor is not None and self.experts.num_experts < self.gate.config.num_experts:
+            # Expert parallel (transformers set num_experts to this rank's share): its token dispatch needs every id
+            # to name a real expert, so a dropped slot goes to expert 0 with the weight of 0 it already has.
+            top_k_index = top_k_index.masked_fill(top_k_index == self.gate.config.num_experts, 0)
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(flat)
