@@ -13,6 +13,7 @@ folder and checkpoint checked) before the model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -334,6 +335,29 @@ def flat_hparams(cfg: PretrainConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ run
+def fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+    """FSDP2 on CPU processes (gloo). Accelerate enters its FSDP path only on accelerators: with ``use_cpu`` (or no
+    GPU) an FSDP config silently becomes plain DDP (AcceleratorState checks MULTI_GPU-like types only). FSDP2's
+    ``fully_shard`` itself runs on a CPU mesh, so the same fsdp.yaml shards on CPU too: the state is switched to
+    FSDP with the plugin Accelerate builds from the config's environment, before anything is prepared."""
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or accelerator.num_processes < 2:
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("the accelerate config asks for FSDP version 1, which this script runs on GPUs only: set "
+                          "fsdp_version: 2 (as trainer_scripts/accelerate_configs/fsdp.yaml does) to shard on CPU")
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # both shared states: every later AcceleratorState() copies PartialState's distributed_type over its own
+    PartialState._shared_state["distributed_type"] = accelerator.state.distributed_type = DistributedType.FSDP
+
+
 def run(cfg: PretrainConfig) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -353,9 +377,10 @@ def run(cfg: PretrainConfig) -> dict:
     )
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    sharded = [k for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED") if os.environ.get(k, "").lower() == "true"]
-    if sharded and accelerator.distributed_type.value in ("MULTI_CPU", "NO") and main:
-        print(f"[upcycle-moe-pretrain] warning: the accelerate config asks for {sharded[0][15:]} but there is no GPU: "
+    fsdp_on_cpu(accelerator, mixed)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and accelerator.distributed_type.value in (
+            "MULTI_CPU", "NO") and main:
+        print("[upcycle-moe-pretrain] warning: the accelerate config asks for DEEPSPEED but there is no GPU: "
               "Accelerate runs plain data parallel on CPU instead (same results, no sharding)", file=sys.stderr, flush=True)
     layout = Layout(cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, accelerator.process_index)
 
@@ -533,7 +558,8 @@ def run(cfg: PretrainConfig) -> dict:
                "last_checkpoint": last_saved}
     if main:
         with staged_files(cfg.output_dir) as staging:  # weights, config, tokenizer: renamed into place when whole
-            unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
+            with own_class(unwrapped):
+                unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
             tokenizer.save_pretrained(staging)
         plots = plot_run(metrics.path, cfg.output_dir, sparse_layers)
         source_dir = cfg.model_name_or_path if os.path.isdir(cfg.model_name_or_path) else None
@@ -554,6 +580,24 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+@contextlib.contextmanager
+def own_class(model):
+    """The model under its own class while saving. FSDP2's ``fully_shard`` swaps the class for a generated
+    ``FSDP<Name>`` subclass defined in torch; save_pretrained copies the remote code of the class it sees, so the
+    folder would get torch's FSDP source files and an auto_map entry ``_fsdp_init.FSDP...`` instead of the model's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = cls
 
 
 def pack(docs, tokenizer, cfg: PretrainConfig, separator: str, what: str, source):
