@@ -1,12 +1,11 @@
 """Sharded and multi-machine training through `accelerate launch`, on CPU processes (gloo), as users launch it.
 
-FSDP2 (the shipped fsdp.yaml) with 2 processes and the multi-machine path (two one-process "machines" on
-127.0.0.1, multinode_fsdp.yaml) both give the losses of one process with gradient accumulation 2. Every launch
-runs in its own process group with a deadline: a rank that fails or hangs gets the whole group killed.
+FSDP2 (the shipped fsdp.yaml) with 2 processes and the SLURM script's multi-machine path (two one-process
+"machines" on 127.0.0.1, multinode_fsdp.yaml) give the losses of one process with gradient accumulation 2. Every
+launch has a deadline, after which it and every process it started are killed: no rank is left waiting for a peer.
 """
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from trainer_scripts.continued_pretraining import run
 from trainer_scripts.metrics import read_jsonl
 
 CONFIGS = REPO_ROOT / "trainer_scripts" / "accelerate_configs"
-STEPS = dict(max_steps=4, save_steps=2, trace_data=True)
+STEPS = dict(max_steps=4, save_steps=2, trace_data=True, max_eval_blocks=4)
 MARKER = "UPCYCLED_MOE_TEST_LAUNCH"
 IDS = [1, 50, 200, 7, 9, 300]
 
@@ -63,22 +62,15 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
-    """Wait for every launch; when one fails or the deadline passes, kill them all (no rank left waiting for
-    a peer that is gone). Returns (returncode, stdout, stderr) per launch."""
-    deadline = time.time() + timeout
-    while any(p.poll() is None for p in procs):
-        if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        kill(p)
-    return [output(p) for p in procs]
-
-
-def assert_ok(results):
-    for rc, out, err in results:
-        assert rc == 0, err[-3000:]
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    """Wait for a launch, then kill whatever of it is left: after a deadline, or a failed rank whose peers would
+    wait for it forever. Returns (returncode, stdout, stderr)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    kill(proc)
+    return output(proc)
 
 
 def free_port() -> int:
@@ -103,13 +95,43 @@ def one_process(tmp_path_factory, tiny_dir, corpus) -> Path:
     return out
 
 
-def test_fsdp2_on_cpu_trains_checkpoints_resumes_after_sigkill_and_saves(tmp_path, one_process, tiny_dir, corpus):
-    """fsdp.yaml, 2 CPU processes: sharded checkpoint (one shard per rank), the launch SIGKILLed (its whole process
-    group) after checkpoint-2, resumed: losses and data order equal the uninterrupted one-process run step for
-    step, and the final save_pretrained folder loads as remote code with that run's logits."""
-    out = tmp_path / "fsdp"
-    cmd = launch_cmd("fsdp.yaml", base_args(tiny_dir, corpus, out, **STEPS), "--num_processes", "2")
-    proc = start(cmd, tmp_path / "killed")
+FAKE_SRUN = """#!/bin/bash
+# srun on one machine: the command once per node, all at once, each with its SLURM_NODEID; the first failure ends it
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
+for _ in "${pids[@]}"; do wait -n || exit 1; done
+"""
+
+
+def sbatch_on_two_machines(tmp_path: Path, args: list[str]) -> tuple[list[str], dict]:
+    """trainer_scripts/slurm/train_multinode.sbatch as SLURM runs it on 2 nodes of 1 GPU, on this machine: srun and
+    scontrol stand-ins start its `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip
+    127.0.0.1` (multinode_fsdp.yaml) as two concurrent one-process "machines"."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.2\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("report_to: none\n")
+    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "1", "MAIN_PROCESS_PORT": str(free_port())}
+    return ["bash", str(REPO_ROOT / "trainer_scripts" / "slurm" / "train_multinode.sbatch"), str(run_yaml), *args], env
+
+
+def test_fsdp2_on_cpu_sigkill_then_resume_on_two_machines_matches_one_process(tmp_path, one_process, tiny_dir,
+                                                                              corpus):
+    """Like a cluster job that crashes and is resubmitted. fsdp.yaml, 2 local CPU processes: checkpoint-2 sharded
+    (a file per rank), then the launch and its ranks SIGKILLed. The SLURM script resumes it on two one-process
+    "machines" (sbatch_on_two_machines). Every step's loss, aux loss and grad norm, the data order and the evals equal
+    the uninterrupted one-process run with accumulation 2 (= 2 local processes,
+    test_pretraining.py::test_two_processes_match_one_process_with_accumulation); the final save_pretrained folder
+    loads as remote code with that run's logits."""
+    out = tmp_path / "run"
+    args = base_args(tiny_dir, corpus, out, **STEPS)
+    proc = start(launch_cmd("fsdp.yaml", args, "--num_processes", "2"), tmp_path / "killed")
     deadline, killed = time.time() + 240, False
     while time.time() < deadline and proc.poll() is None:
         if list_checkpoints(str(out)):
@@ -117,8 +139,7 @@ def test_fsdp2_on_cpu_trains_checkpoints_resumes_after_sigkill_and_saves(tmp_pat
             killed = True
             break
         time.sleep(0.01)
-    if not killed:
-        kill(proc)
+    kill(proc)
     _, stdout, err = output(proc)
     assert killed, "the run ended (or hung) before it could be killed:\n" + err[-3000:]
     assert "2 process(es), DistributedType.FSDP" in stdout
@@ -127,11 +148,13 @@ def test_fsdp2_on_cpu_trains_checkpoints_resumes_after_sigkill_and_saves(tmp_pat
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
         assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], part
 
-    [(rc, stdout, err)] = finish([start(cmd + ["--resume"], tmp_path / "resumed")])
+    cmd, env = sbatch_on_two_machines(tmp_path, args + ["--resume"])
+    rc, stdout, err = finish(start(cmd, tmp_path / "job", env))
     assert rc == 0, err[-3000:]
-    assert "resuming at step 2" in stdout
-    assert_same_losses(one_process, out, range(1, 5))
+    assert "2 machines x 1 processes, rendezvous 127.0.0.1:" in stdout
+    assert "2 process(es), DistributedType.FSDP" in stdout and "resuming at step 2" in stdout
     assert sorted(train_records(out)) == [1, 2, 3, 4]
+    assert_same_losses(one_process, out, range(1, 5))
     assert trace(out) == trace(one_process)
     evals = [r for r in read_jsonl(str(out / "metrics.jsonl")) if "eval/loss" in r]
     ref_evals = [r for r in read_jsonl(str(one_process / "metrics.jsonl")) if "eval/loss" in r]
@@ -159,46 +182,6 @@ def test_fsdp2_on_cpu_trains_checkpoints_resumes_after_sigkill_and_saves(tmp_pat
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([IDS])).logits
     torch.testing.assert_close(load_file(logits)["logits"], expected, rtol=1e-4, atol=1e-5)
-
-
-FAKE_SRUN = """#!/bin/bash
-# srun on one machine: the command once per node, all at once, each with its SLURM_NODEID; the first failure ends it
-while [[ $1 == -* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done
-for _ in "${pids[@]}"; do wait -n || exit 1; done
-"""
-
-
-def test_slurm_script_on_two_one_process_machines_matches_two_local_processes(tmp_path, one_process, tiny_dir,
-                                                                              corpus):
-    """trainer_scripts/slurm/train_multinode.sbatch with multinode_fsdp.yaml as on a cluster, on one machine:
-    srun and scontrol stand-ins start its `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip
-    127.0.0.1` as two concurrent one-process "machines". Same losses and data as the one-process run with
-    accumulation 2, which equals 2 local processes (test_two_processes_match_one_process_with_accumulation, and the
-    FSDP test above)."""
-    out = tmp_path / "machines"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\necho 127.0.0.2\n")
-    for tool in ("srun", "scontrol"):
-        (bin_dir / tool).chmod(0o755)
-    run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(f"model_name_or_path: {tiny_dir}\ntrain_files: [{corpus}]\noutput_dir: {out}\n")
-    extra = [a for a in base_args(tiny_dir, corpus, out, max_steps=2, save_steps=0, trace_data=True)
-             if not a.startswith(("--model_name_or_path", "--train_files", "--output_dir"))]
-    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_GPUS_ON_NODE": "1", "MAIN_PROCESS_PORT": str(free_port())}
-    job = start(["bash", str(REPO_ROOT / "trainer_scripts" / "slurm" / "train_multinode.sbatch"), str(run_yaml),
-                 *extra], tmp_path / "job", env)
-    [(rc, stdout, err)] = finish([job])
-    assert rc == 0, err[-3000:]
-    assert "2 machines x 1 processes, rendezvous 127.0.0.1:" in stdout
-    assert "2 process(es), DistributedType.FSDP" in stdout
-    assert sorted(train_records(out)) == [1, 2]
-    assert_same_losses(one_process, out, (1, 2))
-    assert trace(out) == trace(one_process)[:2]
 
 
 def test_fsdp_version_1_on_cpu_is_refused_with_one_line(monkeypatch):
