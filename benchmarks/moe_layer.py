@@ -3,6 +3,7 @@
     python benchmarks/moe_layer.py            # full: 4 shapes x {balanced, skewed} routing, T = 16384
     python benchmarks/moe_layer.py --quick    # shorter timing windows
     python benchmarks/moe_layer.py --shapes smollm2 --routing skewed --impls upcycled_fused,grouped_mm
+    python benchmarks/moe_layer.py --device cpu --shapes tiny --tokens 64   # checks the script only (no numbers)
 
 Every row is transformers' own Qwen3MoeSparseMoeBlock (router + experts) with the SAME weights, inputs and
 routing; only `config._experts_implementation` changes ("grouped_mm", "eager", "upcycled_fused").
@@ -31,6 +32,7 @@ SHAPES = {  # name: (hidden, expert width, experts, top_k)
     "1b": (2048, 8192, 8, 2),
     "smollm2-135m": (576, 1536, 8, 2),
     "1b-train": (2048, 4096, 8, 2),  # the MoE layer of benchmarks/train_step.py's 1b model
+    "tiny": (64, 64, 4, 2),  # for checking the script on a CPU (benchmarks/gpu_check.sh --dry-run); means nothing
 }
 ALIASES = {"llama": "llama3-8b", "fine": "llama3-8b-fine-g8", "smollm2": "smollm2-135m"}
 
@@ -51,7 +53,16 @@ def load_fused():
     ALL_EXPERTS_FUNCTIONS.register("upcycled_fused", fused_experts_forward)
 
 
-def bench(fn, warmup_ms, rep_ms, grad_to_none):
+def bench(fn, warmup_ms, rep_ms, grad_to_none, device="cuda"):
+    if torch.device(device).type != "cuda":  # the CPU check: a few wall-clock runs
+        from timing import median_ms
+
+        def reset_and_run():
+            for t in grad_to_none or []:
+                t.grad = None
+            fn()
+
+        return median_ms(reset_and_run, device, reps=3, warmup=1)
     try:
         from triton.testing import do_bench
 
@@ -123,6 +134,26 @@ def load_stats(block, x):
             "empty_experts": int((counts == 0).sum().item())}
 
 
+def memory_of_one_step(fwd, gout, leaves, param_grad_bytes, device):
+    """(bytes the forward saves, peak bytes of fwd + bwd above the start minus the parameter gradients); NaN
+    off CUDA, where the allocator keeps no such statistics."""
+    if torch.device(device).type != "cuda":
+        return float("nan"), float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fwd()
+    saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+    out.backward(gout)
+    del out
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base - param_grad_bytes
+    for p in leaves:
+        p.grad = None
+    return saved, peak
+
+
 def run_shape(name, args, device, dtype, results):
     hidden, inter, experts, top_k = SHAPES[name]
     T = args.tokens
@@ -140,7 +171,7 @@ def run_shape(name, args, device, dtype, results):
         gate, up = F.linear(xd, w1).chunk(2, dim=-1)
         F.linear(F.silu(gate) * up, w2).backward(gd)
 
-    dense_ms = bench(dense_step, args.warmup_ms, args.rep_ms, [xd, w1, w2])
+    dense_ms = bench(dense_step, args.warmup_ms, args.rep_ms, [xd, w1, w2], device)
     ideal_ms = top_k * dense_ms
     del w1, w2, xd
     param_grad_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -175,22 +206,11 @@ def run_shape(name, args, device, dtype, results):
                 del out
                 for p in params + [x]:
                     p.grad = None
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                out = fwd()
-                saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
-                out.backward(gout)
-                del out
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated() - base - param_grad_bytes
-                for p in params + [x]:
-                    p.grad = None
+                saved, peak = memory_of_one_step(fwd, gout, params + [x], param_grad_bytes, device)
                 rep = args.rep_ms if impl != "eager" else min(args.rep_ms, args.eager_rep_ms)
-                ms = bench(step, args.warmup_ms, rep, params + [x])
+                ms = bench(step, args.warmup_ms, rep, params + [x], device)
             except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # (only CUDA raises it)
                 rows.append({"impl": impl, "error": "OOM"})
                 print(f"  {name:18s} {routing:8s} {impl:15s} OOM", flush=True)
                 continue
@@ -213,7 +233,8 @@ def run_shape(name, args, device, dtype, results):
               flush=True)
         del x, x0
     del block, params
-    torch.cuda.empty_cache()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def profile_shape(name, args, device, dtype):
@@ -287,13 +308,18 @@ def main():
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--md", default=None, help="write a markdown table here")
     ap.add_argument("--profile", action="store_true", help="print host enqueue time and top GPU kernels, no table")
+    ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checks the script only)")
     args = ap.parse_args()
     args.shapes = [ALIASES.get(s, s) for s in args.shapes.split(",") if s]
     args.routing = [r for r in args.routing.split(",") if r]
     args.impls = [i for i in args.impls.split(",") if i]
     args.warmup_ms, args.rep_ms, args.eager_rep_ms = (100, 300, 300) if args.quick else (300, 1000, 500)
-    if not torch.cuda.is_available():
-        print("moe_layer.py needs a CUDA GPU (nothing measured).")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("moe_layer.py needs a CUDA GPU (nothing measured); --device cpu only checks the script.")
+        return 2
+    if args.profile and device != "cuda":
+        print("error: --profile needs --device cuda (it reads GPU kernel times)", file=sys.stderr)
         return 2
     import transformers
 
@@ -305,7 +331,7 @@ def main():
         triton_version = "not installed"
     load_fused()
     dtype = getattr(torch, args.dtype)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    env = {"device": torch.cuda.get_device_name() if device == "cuda" else device, "torch": torch.__version__, "cuda": torch.version.cuda,
            "transformers": transformers.__version__, "triton": triton_version, "python": platform.python_version(),
            "dtype": args.dtype, "tokens": args.tokens, "impls": args.impls, "quick": args.quick,
            "command": "python " + " ".join(sys.argv)}
@@ -316,7 +342,7 @@ def main():
         return 0
     results = []
     for name in args.shapes:
-        run_shape(name, args, "cuda", dtype, results)
+        run_shape(name, args, device, dtype, results)
     md = markdown(results, env)
     print()
     print(md)

@@ -5,12 +5,14 @@ active shape.
     python benchmarks/train_step.py --models smollm2 --moe-impls upcycled_fused,grouped_mm
     python benchmarks/train_step.py --no-compile --no-fused-ce   # plain eager transformers-style step
 
-Step = forward + backward + fused AdamW (torch.optim.AdamW(fused=True)), bf16 weights and optimizer states,
-random tokens, seq 2048, median of --steps steps after --warmup steps. Both models are UpcycledMoeForCausalLM:
+Step = forward + backward + fused AdamW (torch.optim.AdamW(fused=True)), random tokens, seq 2048, median of --steps
+steps after --warmup steps. --precisions picks the weights: "bf16" (bf16 weights and optimizer states) and/or "amp"
+(fp32 master weights and optimizer states, forward and backward under bf16 autocast: what `upcycle-moe-pretrain`
+runs with mixed_precision bf16, the default on GPUs that support it). Both models are UpcycledMoeForCausalLM:
 the MoE one has every MLP sparse (num_experts experts of width moe_width, top-k; router aux loss in the loss);
 the dense twin of the same ACTIVE shape has mlp_layer_types all "dense" with FFN width top_k x moe_width (a
 Llama-shaped model with the same active parameters and FLOPs per token).
-MFU = tokens/s x FLOPs/token / 989e12 with FLOPs/token = 6 x model.num_active_parameters() (every parameter but the
+MFU = tokens/s x FLOPs/token / the device's dense bf16 peak (trainer_scripts.metrics.peak_tflops_of) with FLOPs/token = 6 x model.num_active_parameters() (every parameter but the
 embedding lookup, a tied/untied lm_head counted once, experts scaled by k/E) + 6 x layers x seq x attention width.
 Speed options (on by default, each can be turned off): torch.compile of each decoder layer (regional; the fused
 experts call is opaque to the compiler), the model's chunked linear + cross-entropy (no full fp32 logits), sdpa
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from timing import Timer, sync  # noqa: E402  (benchmarks/timing.py)
 
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+PRECISIONS = {"bf16": "bf16 weights and optimizer states", "amp": "fp32 master weights, bf16 autocast"}
 
 MODELS = {
     # upcycled SmolLM2-135M: every expert a copy-shaped FFN of width 1536 (8 experts, top-2 -> 2 x 1536 active);
@@ -103,8 +105,17 @@ def profile_step(label, step, n, device):
         print(f"    {kernel_time(e) / n / 1e3:8.3f} ms  x{e.count // n:<4d} {e.key[:110]}", flush=True)
 
 
-def run(name, moe, impl, args, results):
-    dtype = torch.bfloat16
+def peak_flops(device) -> float:
+    """The device's dense bf16 peak in FLOP/s (the training scripts' table); NaN where unknown (a CPU)."""
+    from trainer_scripts.metrics import detect_peak_tflops
+
+    peak = detect_peak_tflops(device)
+    return peak * 1e12 if peak else float("nan")
+
+
+def run(name, moe, impl, args, results, precision="bf16"):
+    amp = precision == "amp"
+    dtype = torch.float32 if amp else torch.bfloat16
     batch = args.batch or MODELS[name]["batch"]
     seq = args.seq
     device = torch.device(args.device)
@@ -125,7 +136,8 @@ def run(name, moe, impl, args, results):
     model.config.loss_chunk_size = args.ce_chunk if args.fused_ce else 0  # the model's own chunked LM loss
 
     def loss_fn():  # LM loss + router aux loss, exactly what training with labels runs
-        return model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            return model(input_ids=ids, labels=ids).loss
 
     def step():
         for _ in range(args.accum):  # micro-batches per optimizer step (the optimizer's cost is amortised)
@@ -138,7 +150,7 @@ def run(name, moe, impl, args, results):
     if args.profile:
         for _ in range(args.warmup):
             step()
-        profile_step(f"{name} {'MoE ' + impl if moe else 'dense'}", step, args.profile_steps, device)
+        profile_step(f"{name} {'MoE ' + impl if moe else 'dense'} {precision}", step, args.profile_steps, device)
         return
     t_compile = time.perf_counter()
     try:
@@ -161,8 +173,9 @@ def run(name, moe, impl, args, results):
             fb.append(t.ms)
             opt.zero_grad(set_to_none=True)
     except torch.OutOfMemoryError as err:
-        print(f"{name} {'moe' if moe else 'dense'} {impl}: OOM ({str(err)[:120]})", flush=True)
-        results.append({"model": name, "moe": moe, "impl": impl, "error": "OOM", "batch": batch})
+        print(f"{name} {'moe' if moe else 'dense'} {impl} {precision}: OOM ({str(err)[:120]})", flush=True)
+        results.append({"model": name, "moe": moe, "impl": impl, "precision": precision, "accum": args.accum,
+                        "error": "OOM", "batch": batch})
         del model, opt
         torch.cuda.empty_cache()
         return
@@ -172,13 +185,14 @@ def run(name, moe, impl, args, results):
     fb_ms = fb[len(fb) // 2]
     tokens = batch * seq * args.accum
     tps = tokens / (ms / 1e3)
-    mfu = tps * fpt / PEAK_FLOPS if gpu else float("nan")  # the peak is an H100's
-    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "batch": batch, "seq": seq, "accum": args.accum,
+    mfu = tps * fpt / peak_flops(device)
+    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "precision": precision, "batch": batch,
+           "seq": seq, "accum": args.accum,
            "params": n_params, "active_matmul_params": active, "flops_per_token": fpt, "step_ms": ms,
            "fwd_bwd_ms": fb_ms, "tokens_per_s": tps, "mfu": mfu, "loss": loss.item(),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"), "warmup_s": t_compile}
     results.append(row)
-    print(f"{name:8s} {'MoE ' + impl if moe else 'dense':22s} batch {batch:3d}  step {ms:8.1f} ms  "
+    print(f"{name:8s} {'MoE ' + impl if moe else 'dense':22s} {precision:4s} batch {batch:3d}  step {ms:8.1f} ms  "
           f"(fwd+bwd {fb_ms:7.1f})  {tps / 1e3:7.1f}k tok/s  MFU {100 * mfu:5.1f}%  params {n_params / 1e9:.2f}B "
           f"active {active / 1e9:.3f}B  peak {row['peak_mem_gib']:.1f} GiB  loss {row['loss']:.3f}  "
           f"warmup {t_compile:.0f}s", flush=True)
@@ -187,11 +201,19 @@ def run(name, moe, impl, args, results):
         torch.cuda.empty_cache()
 
 
+def dense_twin_of(row, results):
+    """The dense row measured with the same model, weights and accumulation (the MoE's "step vs dense" baseline)."""
+    return next((d for d in results if not d["moe"] and "error" not in d and all(
+        d.get(k) == row.get(k) for k in ("model", "precision", "accum"))), None)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,1b", help="comma list of " + ", ".join(MODELS))
     ap.add_argument("--device", default="cuda", help="cuda (measurements) or cpu (checks the script only)")
     ap.add_argument("--moe-impls", default="upcycled_fused")
+    ap.add_argument("--precisions", default="bf16", help="comma list of " + "; ".join(
+        f"{k}: {v}" for k, v in PRECISIONS.items()))
     ap.add_argument("--no-dense", action="store_true")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
@@ -208,6 +230,10 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print the top GPU kernels per step instead of timing")
     ap.add_argument("--profile-steps", type=int, default=3)
     args = ap.parse_args()
+    precisions = [p for p in args.precisions.split(",") if p]
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        print(f"error: --precisions {args.precisions!r}: each must be one of {', '.join(PRECISIONS)}", file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("train_step.py needs a CUDA GPU (nothing measured); --device cpu only checks the script.")
         return 2
@@ -221,31 +247,37 @@ def main():
         tv = "not installed"
     env = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "transformers": transformers.__version__,
            "triton": tv, "compile": args.compile, "fused_ce": args.fused_ce, "attn": args.attn,
+           "precisions": precisions, "accum": args.accum,
            "command": "python " + " ".join(sys.argv)}
     print(json.dumps(env), flush=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     for name in args.models.split(","):
         variants = ([] if args.no_dense else [(False, "dense")]) + [(True, i) for i in args.moe_impls.split(",") if i]
-        for moe, impl in variants:
-            try:
-                run(name, moe, impl, args, results)
-            except Exception as err:  # noqa: BLE001 - record and go on with the other variants
-                print(f"{name} {impl}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
-                results.append({"model": name, "moe": moe, "impl": impl, "error": type(err).__name__,
-                                "batch": args.batch or MODELS[name]["batch"]})
-                torch.cuda.empty_cache()
+        for precision in precisions:
+            for moe, impl in variants:
+                try:
+                    run(name, moe, impl, args, results, precision)
+                except Exception as err:  # noqa: BLE001 - record and go on with the other variants
+                    print(f"{name} {impl} {precision}: FAILED {type(err).__name__}: {str(err)[:300]}", flush=True)
+                    results.append({"model": name, "moe": moe, "impl": impl, "precision": precision,
+                                    "accum": args.accum, "error": type(err).__name__,
+                                    "batch": args.batch or MODELS[name]["batch"]})
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
     print()
-    print("| model | variant | batch x seq x accum | params | step ms | fwd+bwd ms | tokens/s | MFU (active) | step vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | variant | weights | batch x seq x accum | params | step ms | fwd+bwd ms | tokens/s | MFU (active) "
+          "| step vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} | - | {r['error']} |"
-                  " - | - | - | - |")
+            print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['precision']} | {r['batch']} | - "
+                  f"| {r['error']} | - | - | - | - |")
             continue
-        dense = next((d for d in results if d["model"] == r["model"] and not d["moe"] and "error" not in d), None)
+        dense = dense_twin_of(r, results)
         ratio = f"{r['step_ms'] / dense['step_ms']:.2f}x" if dense else "-"
-        print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['batch']} x {r['seq']} x {r['accum']} | "
+        print(f"| {r['model']} | {'MoE ' + r['impl'] if r['moe'] else 'dense'} | {r['precision']} | "
+              f"{r['batch']} x {r['seq']} x {r['accum']} | "
               f"{r['params'] / 1e9:.2f}B | {r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
               f"{100 * r['mfu']:.1f}% | {ratio} |")
     if args.json:
