@@ -97,7 +97,8 @@ TOP_KEYS = {
 }
 BASE_KEYS = {"source", "gguf_file", "num_layers"}
 CORPUS_KEYS = {"python_stdlib", "stdlib_tests", "pydoc_topics", "files", "heldout_fraction", "split_salt",
-               "max_documents", "max_document_chars"}
+               "max_documents", "max_document_chars", "prepared"}
+CORPUS_MANIFEST = "corpus.json"
 BUDGET_KEYS = {"tokens", "block_size", "micro_batch_size", "gradient_accumulation_steps", "eval_interval_tokens",
                "max_eval_blocks", "save_interval_tokens", "warmup_tokens"}
 ARM_KEYS = {"name", "description", "dense", "training", "upcycling"}
@@ -122,7 +123,8 @@ BUDGET_DEFAULTS = {"block_size": 1024, "micro_batch_size": 8, "gradient_accumula
                    "eval_interval_tokens": None, "max_eval_blocks": 256, "save_interval_tokens": 0,
                    "warmup_tokens": None}
 CORPUS_DEFAULTS = {"python_stdlib": False, "stdlib_tests": True, "pydoc_topics": False, "files": [],
-                   "heldout_fraction": 0.05, "split_salt": "", "max_documents": None, "max_document_chars": None}
+                   "heldout_fraction": 0.05, "split_salt": "", "max_documents": None, "max_document_chars": None,
+                   "prepared": None}
 
 
 def _fail(where: str, message: str):
@@ -188,6 +190,30 @@ def _apply_override(cfg: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent
+# the comparisons of issue 16, smallest first: the order in which device calls run them (docs/results.md)
+COMPARISONS = ("dense_vs_upcycled", "routing", "granularity", "scaling", "drop_upcycling")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_config(config: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a config shipped with the package (``smoke``, ``routing.yaml``): the shipped ones
+    then work from any folder, also from an installed package."""
+    path = Path(os.path.expanduser(str(config)))
+    if path.is_file():
+        return path
+    name = str(config)
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        shipped = SHIPPED_DIR / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
+        if shipped.is_file():
+            return shipped
+    _fail("", f"experiment config {config} does not exist (neither a file nor a shipped config; shipped: "
+              f"{', '.join(shipped_configs())})")
+
+
 def load_config(config: str | os.PathLike | dict, overrides: dict | None = None) -> dict:
     """Read (YAML path or dict), apply dotted overrides, validate everything that needs no model; return the
     normalised config. Raises ExperimentConfigError (one line) on any problem."""
@@ -197,10 +223,8 @@ def load_config(config: str | os.PathLike | dict, overrides: dict | None = None)
         raw, where = copy.deepcopy(config), "experiment config"
         config_path = None
     else:
-        config_path = Path(config)
+        config_path = resolve_config(config)
         where = f"experiment config {config_path}"
-        if not config_path.is_file():
-            _fail("", f"{where} does not exist")
         try:
             raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
@@ -264,7 +288,7 @@ def _validate(raw: dict, config_path: Path | None) -> dict:
         files = [files]
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         _fail("corpus.files", "must be a list of paths or globs")
-    for pattern in files:
+    for pattern in files if not corpus["prepared"] else ():  # a prepared corpus reads none of them
         if not glob.glob(os.path.expanduser(pattern), recursive=True):
             _fail("corpus.files", f"{pattern} matches no file")
     corpus["files"] = files
@@ -280,6 +304,9 @@ def _validate(raw: dict, config_path: Path | None) -> dict:
     corpus["split_salt"] = str(corpus["split_salt"] or "")
     corpus["max_documents"] = _int("corpus.max_documents", corpus["max_documents"], 2, optional=True)
     corpus["max_document_chars"] = _int("corpus.max_document_chars", corpus["max_document_chars"], 1, optional=True)
+    if corpus["prepared"]:
+        corpus["prepared"] = os.path.expanduser(str(corpus["prepared"]))
+        _check_prepared_corpus(corpus)
     cfg["corpus"] = corpus
 
     # --- budget
@@ -596,9 +623,11 @@ def _is_heldout(doc_id: str, fraction: float, salt: str) -> bool:
     return h / 16**12 < fraction
 
 
-def prepare_corpus(cfg: dict) -> dict:
-    """train.jsonl / heldout.jsonl ({"text", "id"} per file), written once per distinct corpus; returns paths + stats."""
-    corpus = cfg["corpus"]
+def _corpus_settings(corpus: dict) -> dict:
+    return {k: corpus[k] for k in CORPUS_DEFAULTS if k != "prepared"}
+
+
+def _split_corpus(corpus: dict) -> tuple[list, list]:
     docs = _corpus_documents(corpus)
     train = [(i, t) for i, t in docs if not _is_heldout(i, corpus["heldout_fraction"], corpus["split_salt"])]
     val = [(i, t) for i, t in docs if _is_heldout(i, corpus["heldout_fraction"], corpus["split_salt"])]
@@ -606,12 +635,101 @@ def prepare_corpus(cfg: dict) -> dict:
         raise ExperimentConfigError(
             f"corpus: {len(docs)} documents split into {len(train)} training and {len(val)} held-out files; "
             "both must be non-empty (more files or another heldout_fraction)")
+    return train, val
+
+
+def _corpus_hash(train: list, val: list) -> str:
     digest = hashlib.sha256()
     for split, rows in (("train", train), ("val", val)):
         for i, t in rows:
             digest.update(f"{split}\0{i}\0".encode())
             digest.update(t.encode())
-    corpus_hash = digest.hexdigest()[:16]
+    return digest.hexdigest()[:16]
+
+
+PREPARED_FILES = ("train.jsonl.gz", "heldout.jsonl.gz")
+
+
+def _check_prepared_corpus(corpus: dict) -> dict:
+    """A folder written by ``--prepare-corpus`` from the same corpus settings (the device's Python has another
+    standard library: the corpus is built here and carried, so every call and session trains on the same text)."""
+    folder = Path(corpus["prepared"])
+    manifest = folder / CORPUS_MANIFEST
+    if not manifest.is_file():
+        _fail("corpus.prepared", f"{folder} holds no {CORPUS_MANIFEST}; write it with "
+                                 f"python -m experiments.runner CONFIG --prepare-corpus {folder}")
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        _fail("corpus.prepared", f"cannot read {manifest}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    theirs, mine = (m.get("settings") if isinstance(m, dict) else None) or {}, _corpus_settings(corpus)
+    if theirs != mine:
+        diff = [f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine if theirs.get(k) != mine[k]]
+        _fail("corpus.prepared", f"{folder} was prepared from other corpus settings ({'; '.join(diff) or 'unknown keys'}); "
+                                 "prepare it again from this config")
+    missing = [f for f in PREPARED_FILES if not (folder / f).is_file()]
+    if missing:
+        _fail("corpus.prepared", f"{folder} lacks {', '.join(missing)}; prepare it again")
+    return m
+
+
+def export_corpus(cfg: dict, dest: str | os.PathLike) -> dict:
+    """Write the config's corpus (split by file) as gzipped JSON lines + a manifest into ``dest``, to carry it."""
+    import gzip
+
+    dest = Path(dest)
+    if dest.exists() and not (dest.is_dir() and {p.name for p in dest.iterdir()} <= {CORPUS_MANIFEST, *PREPARED_FILES}):
+        raise ExperimentConfigError(f"--prepare-corpus: {dest} exists and is not a prepared corpus; remove it or "
+                                    "choose another folder")
+    corpus = cfg["corpus"]
+    train, val = _split_corpus(corpus)
+    manifest = {"settings": _corpus_settings(corpus), "hash": _corpus_hash(train, val),
+                "train_documents": len(train), "heldout_documents": len(val),
+                "train_chars": sum(len(t) for _, t in train), "heldout_chars": sum(len(t) for _, t in val),
+                "python": platform.python_version()}
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, rows in zip(PREPARED_FILES, (train, val)):
+            with open(tmp / name, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:  # same bytes every time
+                for i, t in rows:
+                    f.write((json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n").encode())
+        (tmp / CORPUS_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _read_prepared(corpus: dict) -> tuple[list, list, str]:
+    import gzip
+
+    folder = Path(corpus["prepared"])
+    manifest = _check_prepared_corpus(corpus)
+    splits = []
+    try:
+        for name in PREPARED_FILES:
+            with gzip.open(folder / name, "rt", encoding="utf-8") as f:
+                splits.append([(r["id"], r["text"]) for r in map(json.loads, f)])
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ExperimentConfigError(f"corpus.prepared: {folder} is damaged ({type(e).__name__}); prepare it again") from None
+    train, val = splits
+    if _corpus_hash(train, val) != manifest.get("hash"):
+        raise ExperimentConfigError(f"corpus.prepared: {folder} does not match its {CORPUS_MANIFEST} hash; prepare it again")
+    return train, val, str(manifest.get("python"))
+
+
+def prepare_corpus(cfg: dict) -> dict:
+    """train.jsonl / heldout.jsonl ({"text", "id"} per file), written once per distinct corpus; returns paths + stats."""
+    corpus = cfg["corpus"]
+    if corpus["prepared"]:
+        train, val, python = _read_prepared(corpus)
+    else:
+        (train, val), python = _split_corpus(corpus), platform.python_version()
+    corpus_hash = _corpus_hash(train, val)
     folder = Path(cfg["cache_dir"]) / "corpus" / corpus_hash
 
     def build(tmp: Path):
@@ -624,7 +742,7 @@ def prepare_corpus(cfg: dict) -> dict:
     return {"hash": corpus_hash, "train_file": str(folder / "train.jsonl"), "heldout_file": str(folder / "heldout.jsonl"),
             "train_documents": len(train), "heldout_documents": len(val),
             "train_chars": sum(len(t) for _, t in train), "heldout_chars": sum(len(t) for _, t in val),
-            "heldout_examples": [i for i, _ in val[:5]], "python": platform.python_version()}
+            "heldout_examples": [i for i, _ in val[:5]], "python": python}
 
 
 # ========================================================================================================= runs
@@ -665,7 +783,7 @@ def plan_runs(cfg: dict, base_dir: Path | None, dense_dir: Path | None, corpus: 
                                      "generate_prompt", "generate_max_new_tokens")}
             identity.update(code=code, dense=arm["dense"],
                             base=base_id,
-                            corpus=corpus["hash"] if corpus else cfg["corpus"])
+                            corpus=corpus["hash"] if corpus else _corpus_settings(cfg["corpus"]))
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
             run_dir = Path(cfg["runs_dir"]) / f"{arm['name']}-seed{seed}-{fingerprint}"
             plans.append({"arm": arm["name"], "seed": seed, "dense": arm["dense"], "values": values,
@@ -785,6 +903,8 @@ def aggregate(cfg: dict, results: list[dict]) -> dict:
             "total_params": rs[0]["total_params"], "active_params": rs[0]["active_params"],
             "wall_clock_s_mean": sum(r["wall_clock_s"] for r in rs) / len(rs),
             "tokens_per_s_mean": _avg([r["tokens_per_s_mean"] for r in rs]),
+            "last_evals_spread": _avg([max(c) - min(c) for c in ([p["loss"] for p in r["curve"][-3:]] for r in rs)
+                                       if len(c) == 3]),
             "upcycling": arm["upcycling"], "training_overrides": arm["training_overrides"],
         }
     groups = {}
@@ -826,7 +946,8 @@ def _fmt_num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def write_markdown(cfg: dict, summary: dict, env: dict, corpus: dict, plots: list[str], path: Path) -> None:
+def write_markdown(cfg: dict, summary: dict, env: dict, corpus: dict, plots: list[str], path: Path,
+                   progress: list[dict] | None = None) -> None:
     b = cfg["budget"]
     lines = [f"# Experiment `{cfg['name']}`", ""]
     if cfg["description"]:
@@ -845,7 +966,8 @@ def write_markdown(cfg: dict, summary: dict, env: dict, corpus: dict, plots: lis
         "- FLOPs = tokens x (6 x active parameters + 6 x layers x block x heads x head_dim)", "",
     ]
     base_arm = summary.get("baseline_arm")
-    head = ["arm", "seeds", "held-out loss at step 0", "final held-out loss (mean ± std)", "ppl", "Δ vs " + (f"`{base_arm}`" if base_arm else "baseline") + " (paired)",
+    head = ["arm", "seeds", "held-out loss at step 0", "final held-out loss (mean ± std)", "spread of last 3 evals", "ppl",
+            "Δ vs " + (f"`{base_arm}`" if base_arm else "baseline") + " (paired)",
             "tokens", "train FLOPs", "active / total params", "wall-clock per run", "tokens/s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, a in summary["arms"].items():
@@ -856,10 +978,24 @@ def write_markdown(cfg: dict, summary: dict, env: dict, corpus: dict, plots: lis
             delta = f"{a['delta_vs_baseline_mean']:+.4f}{dstd}"
         init = f"{a['initial_loss_mean']:.4f}" if a["initial_loss_mean"] is not None else "—"
         tps = f"{a['tokens_per_s_mean']:,.0f}" if a["tokens_per_s_mean"] else "—"
-        lines.append(f"| `{name}` | {len(a['seeds'])} | {init} | {a['final_loss_mean']:.4f}{std} | {a['final_ppl_of_mean']:.3f} | {delta} | "
+        spread = f"{a['last_evals_spread']:.4f}" if a.get("last_evals_spread") is not None else "—"
+        lines.append(f"| `{name}` | {len(a['seeds'])} | {init} | {a['final_loss_mean']:.4f}{std} | {spread} | {a['final_ppl_of_mean']:.3f} | {delta} | "
                      f"{a['tokens']:,} | {_fmt_num(a['flops'])} | {_fmt_num(a['active_params'])} / {_fmt_num(a['total_params'])} | "
                      f"{a['wall_clock_s_mean']:.0f} s | {tps} |")
-    lines.append("")
+    lines += ["", "Spread of last 3 evals: max - min of the held-out loss over an arm's last three evaluation points "
+              "(mean over seeds). It bounds how noisy one seed is at this budget (the trend is included); a "
+              "difference between arms smaller than it is not a result.", ""]
+    unfinished = [p for p in progress or [] if p["status"] != "done"]
+    if unfinished:
+        lines += ["**Not done** (the call was cut short or stopped by its time limit; run the same command again: "
+                  "finished runs are reused, an unfinished one resumes from its checkpoint on the same machine, "
+                  "else starts again):", "", "| arm | seed | status | steps done / planned | last eval (step: loss) | checkpoint |",
+                  "|---|---|---|---|---|---|"]
+        for p in unfinished:
+            ev = f"{p['last_eval_step']}: {p['last_eval_loss']:.4f}" if p["last_eval_step"] is not None else "—"
+            lines.append(f"| `{p['arm']}` | {p['seed']} | {p['status']} | {p['steps_done']} / {p['max_steps']} | {ev} | "
+                         f"{p['checkpoint_step'] if p['checkpoint_step'] is not None else '—'} |")
+        lines.append("")
     for group, g in summary["groups"].items():
         lines.append(f"- `{group}` = best of {', '.join(f'`{m}`' for m in g['members'])}: **`{g['best']}`** "
                      f"({g['final_loss_mean']:.4f})")
@@ -955,11 +1091,17 @@ def environment() -> dict:
 # ========================================================================================================= main
 def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike | None = None,
                    overrides: dict | None = None, arms: list[str] | None = None, seeds: list[int] | None = None,
-                   dry_run: bool = False) -> dict:
-    """Run (or reuse) every arm x seed of an experiment config and write results.json, results.md and the plots
-    into ``out_dir`` (default: the config's output_dir). ``overrides``: dotted keys, e.g. {"budget.tokens": 4096,
-    "arms.moe.upcycling.top_k": 1}. ``arms`` / ``seeds``: run a subset (the report covers what is done).
-    ``dry_run``: validate and print the plan; load nothing, train nothing. Returns the results dict."""
+                   dry_run: bool = False, time_limit: float | None = None, report_only: bool = False,
+                   bundle: str | os.PathLike | None = None) -> dict:
+    """Run (or reuse) every arm x seed of an experiment config and write results.json, results.md, progress.json
+    and the plots into ``out_dir`` (default: the config's output_dir). ``overrides``: dotted keys, e.g.
+    {"budget.tokens": 4096, "arms.moe.upcycling.top_k": 1}. ``arms`` / ``seeds``: run a subset (the report covers
+    what is done). ``dry_run``: validate and print the plan; load nothing, train nothing. ``time_limit``: seconds
+    for this invocation; an arm is not started once the time left is below the longest arm trained so far (so a
+    device call ends with whole arms instead of a half-trained one). ``report_only``: train nothing; report the
+    finished runs and how far the others got (after a call was cut short). ``bundle``: also write
+    BUNDLE/NAME.tgz (the report + every run's records, no weights) and BUNDLE/NAME-results.md, to bring back.
+    Returns the results dict; ``document["complete"]`` says whether every planned run is done."""
     t0 = time.perf_counter()
     cfg = load_config(config, overrides)  # every config error is raised here, before any model is touched
     if out_dir is not None:
@@ -974,6 +1116,8 @@ def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike 
         unknown = [s for s in seeds if s not in cfg["seeds"]]
         if unknown:
             raise ExperimentConfigError(f"--seeds: {unknown} not in the config's seeds {cfg['seeds']}")
+    if time_limit is not None and not time_limit > 0:
+        raise ExperimentConfigError(f"--time-limit must be > 0 seconds, got {time_limit}")
     b = cfg["budget"]
     _say(f"{cfg['name']}: {len(cfg['arms'])} arm(s) x {len(cfg['seeds'])} seed(s); {b['tokens_used']:,} tokens per run "
          f"({b['max_steps']} steps x {b['tokens_per_step']:,}); eval every {b['eval_steps']} steps")
@@ -993,7 +1137,7 @@ def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike 
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     Path(cfg["runs_dir"]).mkdir(parents=True, exist_ok=True)
-    results = []
+    results, walls, stop_reason = [], [], None
     for i, plan in enumerate(plans):
         done = _find_done(cfg, plan["fingerprint"])
         if done is not None:
@@ -1002,8 +1146,19 @@ def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike 
             r["arm"], r["reused"] = plan["arm"], True
             results.append(r)
             continue
+        if report_only or stop_reason:
+            continue
+        left = time_limit - (time.perf_counter() - t0) if time_limit is not None else None
+        if left is not None and walls and max(walls) > left:
+            stop_reason = (f"time limit: {left:.0f} s left of {time_limit:.0f} s, the longest arm so far took "
+                           f"{max(walls):.0f} s")
+            _say(f"not starting {plan['arm']} seed {plan['seed']} or later runs ({stop_reason})")
+            continue
         _say(f"[{i + 1}/{len(plans)}] {plan['arm']} seed {plan['seed']} -> {plan['run_dir']}")
-        results.append(execute_run(plan, cfg))
+        with ProgressWriter(out / "progress.json", cfg, plans):
+            result = execute_run(plan, cfg)
+        results.append(result)
+        walls.append(result["wall_clock_s"])
     # the report also covers runs done earlier for arms/seeds outside this invocation's subset
     if arms or seeds:
         for plan in plan_runs(cfg, base_dir, dense_dir, corpus):
@@ -1013,18 +1168,126 @@ def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike 
                     r = json.loads(done.read_text(encoding="utf-8"))
                     r["arm"], r["reused"] = plan["arm"], True
                     results.append(r)
+    progress = [run_progress(cfg, p) for p in plans]
+    _write_json(out / "progress.json", {"experiment": cfg["name"], "runs": progress})
     summary = aggregate(cfg, results)
     env = environment()
     env["wall_clock_s"] = time.perf_counter() - t0
-    plots = write_plots(cfg, results, out)
+    plots = write_plots(cfg, results, out) if results else []
+    complete = all(p["status"] == "done" for p in progress)
     document = {"experiment": cfg["name"], "config": cfg, "environment": env, "corpus": corpus,
-                "summary": summary, "runs": results, "plots": plots}
-    (out / "results.json").write_text(json.dumps(document, indent=1, default=str), encoding="utf-8")
-    write_markdown(cfg, summary, env, corpus, plots, out / "results.md")
+                "summary": summary, "runs": results, "plots": plots, "progress": progress, "complete": complete,
+                "stopped": stop_reason}
+    _write_json(out / "results.json", document)
+    write_markdown(cfg, summary, env, corpus, plots, out / "results.md", progress)
     if not summary["same_token_stream_per_seed"]:
         _say("WARNING: arms of the same seed saw different token streams (see results.json summary.token_streams)")
-    _say(f"done in {env['wall_clock_s']:.0f} s: {out / 'results.md'}")
+    if bundle is not None:
+        _say(f"bundle: {', '.join(write_bundle(cfg, plans, out, Path(bundle)))}")
+    _say(f"done in {env['wall_clock_s']:.0f} s: {out / 'results.md'}"
+         + ("" if complete else f" -- INCOMPLETE ({sum(p['status'] != 'done' for p in progress)} of {len(progress)} "
+                                 "runs not done): run the same command again"))
     return document
+
+
+# ===================================================================================================== progress
+def _write_json(path: Path, data) -> None:
+    """Whole or not at all: a call killed mid-write leaves the previous version."""
+    tmp = path.with_name(path.name + f".part{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_progress(cfg: dict, plan: dict) -> dict:
+    """How far one (arm, seed) got, from its files alone: arm_result.json (done), the trainer's metrics.jsonl (one
+    line per logging step and per held-out evaluation) and its checkpoints (what a resume starts from)."""
+    from trainer_scripts.checkpointing import list_checkpoints
+    from trainer_scripts.metrics import read_jsonl
+
+    max_steps = plan["values"]["max_steps"]
+    entry = {"arm": plan["arm"], "seed": plan["seed"], "fingerprint": plan["fingerprint"], "max_steps": max_steps,
+             "status": "not_started", "steps_done": 0, "last_eval_step": None, "last_eval_loss": None,
+             "checkpoint_step": None}
+    done = _find_done(cfg, plan["fingerprint"])
+    if done is not None:
+        r = json.loads(done.read_text(encoding="utf-8"))
+        last = r["curve"][-1] if r["curve"] else {}
+        return {**entry, "status": "done", "steps_done": r["steps"], "last_eval_step": last.get("step"),
+                "last_eval_loss": last.get("loss")}
+    run_dir = Path(plan["run_dir"])
+    records = read_jsonl(str(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").is_file() else []
+    evals = [r for r in records if "eval/loss" in r]
+    checkpoints = list_checkpoints(str(run_dir))
+    if records or checkpoints:
+        entry.update(status="cut_short", steps_done=max((r["step"] for r in records), default=0),
+                     checkpoint_step=checkpoints[-1][0] if checkpoints else None)
+        if evals:
+            entry.update(last_eval_step=evals[-1]["step"], last_eval_loss=evals[-1]["eval/loss"])
+    return entry
+
+
+class ProgressWriter:
+    """Rewrites progress.json while an arm trains (every ``interval`` s, and when it ends), so a call killed by a
+    timeout -- or a kill no handler sees -- still leaves how far every run got."""
+
+    def __init__(self, path: Path, cfg: dict, plans: list[dict], interval: float = 20.0):
+        import threading
+
+        self.path, self.cfg, self.plans, self.interval = path, cfg, plans, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def write(self) -> None:
+        try:
+            _write_json(self.path, {"experiment": self.cfg["name"],
+                                    "runs": [run_progress(self.cfg, p) for p in self.plans]})
+        except OSError:
+            pass  # progress is a convenience; the run's own files stay the record
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.write()
+
+    def __enter__(self):
+        self.write()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.write()
+
+
+# Records of a run worth bringing back from a device call: no weights, no checkpoints.
+RUN_RECORDS = ("arm_result.json", "metrics.jsonl", "data_trace.jsonl", "run_config.yaml")
+
+
+def write_bundle(cfg: dict, plans: list[dict], out: Path, dest: Path) -> list[str]:
+    """DEST/NAME.tgz with the report and each run's records (paths as given, relative to the working folder, so
+    ``tar xzf`` in the repository root puts them back where the next call's ``runs_dir`` finds them), and a copy of
+    results.md to read without unpacking. Two files: well inside what a device call returns."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    members = [p for p in sorted(out.iterdir()) if p.is_file() and p.suffix in (".json", ".md", ".png")]
+    for plan in plans:
+        for run_dir in sorted(Path(cfg["runs_dir"]).glob(f"*-{plan['fingerprint']}")):
+            members += [run_dir / n for n in RUN_RECORDS if (run_dir / n).is_file()]
+    tgz = dest / f"{cfg['name']}.tgz"
+    tmp = tgz.with_name(tgz.name + ".part")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for path in dict.fromkeys(members):
+            tar.add(path, arcname=_archive_name(path))
+    os.replace(tmp, tgz)
+    md = dest / f"{cfg['name']}-results.md"
+    shutil.copyfile(out / "results.md", md)
+    return [str(tgz), str(md)]
+
+
+def _archive_name(path: Path) -> str:
+    rel = os.path.relpath(path.resolve(), Path.cwd().resolve())
+    return rel if not rel.startswith("..") else path.resolve().as_posix().lstrip("/")
 
 
 def _check_against_base(cfg: dict, base_dir: Path) -> None:
@@ -1049,7 +1312,7 @@ def _check_against_base(cfg: dict, base_dir: Path) -> None:
 
 # ========================================================================================================== CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
+    parser.add_argument("config", help="experiment YAML, or the name of a shipped one (" + ", ".join(shipped_configs()) + ")")
     parser.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by dotted key, e.g. budget.tokens=4096 or "
@@ -1057,6 +1320,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arms", default=None, help="comma-separated arm names to run (default: all)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the config's)")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; train nothing")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="seconds for this invocation: start no arm once the time left is below the longest arm "
+                             "so far (exit status 3 when runs are left for the next invocation)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the finished runs and how far the others got")
+    parser.add_argument("--bundle", default=None, metavar="DIR",
+                        help="also write DIR/NAME.tgz (report + each run's records, no weights) and DIR/NAME-results.md")
+    parser.add_argument("--prepare-corpus", default=None, metavar="DIR",
+                        help="only write the config's corpus to DIR (gzipped JSON lines + corpus.json), to carry it to "
+                             "another machine and use it there with --set corpus.prepared=DIR")
+
+
+INCOMPLETE = 3  # exit status: some runs are not done (time limit / report-only); the same command continues them
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -1075,17 +1351,31 @@ def run_cli(args: argparse.Namespace) -> int:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
         except ValueError:
             raise ExperimentConfigError(f"--seeds {args.seeds!r}: comma-separated integers") from None
-        run_experiment(args.config, args.out, overrides, arms=arms, seeds=seeds, dry_run=args.dry_run)
-        return 0
+        if args.prepare_corpus:
+            m = export_corpus(load_config(args.config, overrides), args.prepare_corpus)
+            _say(f"corpus {m['hash']}: {m['train_documents']} training / {m['heldout_documents']} held-out files "
+                 f"written to {args.prepare_corpus}")
+            return 0
+        doc = run_experiment(args.config, args.out, overrides, arms=arms, seeds=seeds, dry_run=args.dry_run,
+                             time_limit=args.time_limit, report_only=args.report_only, bundle=args.bundle)
+        return 0 if args.dry_run or doc["complete"] else INCOMPLETE
     except (ConfigError, UpcycleError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = argparse.ArgumentParser(prog="python -m experiments.runner", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    # `timeout` sends SIGTERM: leave through the normal exits, so the progress writer records the last state
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return run_cli(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

