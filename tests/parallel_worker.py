@@ -6,7 +6,7 @@ process. Rank 0 writes one JSON report; the test asserts on it.
 
 MODE: "tp" (`from_pretrained(..., tp_plan="auto")`, the documented call) or "ep" (expert parallel through
 `DistributedConfig`, in the installed release's vocabulary, see `expert_parallel_config`) or "ep_all_to_all"
-(5.21+: the tokens exchanged by all-to-all).
+(5.21+: the tokens exchanged by all-to-all) or "pp" (pipeline parallel).
 """
 
 import dataclasses
@@ -59,6 +59,10 @@ def load(folder, mode, world_size):
     if mode == "ep_all_to_all":
         return AutoModelForCausalLM.from_pretrained(
             folder, distributed_config=all_to_all_config(world_size), **kwargs
+        ).eval()
+    if mode == "pp":  # the decoder layers split evenly over the ranks (base_model_pp_plan)
+        return AutoModelForCausalLM.from_pretrained(
+            folder, distributed_config=DistributedConfig(pp_size=world_size), **kwargs
         ).eval()
     if mode == "one":
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()

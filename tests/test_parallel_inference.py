@@ -1,6 +1,7 @@
 """Serving-scale loading with transformers' own engine: a saved UpcycledMoe folder (remote code) loaded with
 `tp_plan="auto"` (tensor parallel) and with `DistributedConfig` expert parallelism, under torchrun with gloo on CPU,
-holds about 1/world of its sharded parameters on each rank, and gives the logits and greedy tokens of one process.
+holds about 1/world of its sharded parameters on each rank, and gives the logits and greedy tokens of one process;
+pipeline parallel (`DistributedConfig(pp_size=...)`, the config's `base_model_pp_plan`) too.
 
 Covered: gated (SwiGLU) and plain (relu2) experts, a shared expert, a dense layer, q/k norms, q/k/v/o biases, tied
 embeddings, Nemotron's LayerNorm1P, a capacity factor that drops slots, and a folder written by `upcycle-moe convert`;
@@ -28,16 +29,42 @@ COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=4, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
               moe_intermediate_size=32, bos_token_id=1, eos_token_id=2)
 FOLDERS = {
-    # gated experts + shared expert + a dense layer + q/k norms + biases + tied embeddings; 2 query heads per KV head
-    "gated": dict(num_attention_heads=8, num_key_value_heads=4, qk_norm=True, attention_bias=True, num_shared_experts=1, shared_expert_intermediate_size=32,
-                  mlp_layer_types=["dense", "sparse"], tie_word_embeddings=True),
+    # gated experts + shared expert + a dense layer + q/k norms + biases + tied embeddings; 2 query heads per KV head;
+    # 4 layers, so that pipeline parallel gives each of 4 ranks one (a rank without layers crashes in transformers)
+    "gated": dict(num_attention_heads=8, num_key_value_heads=4, qk_norm=True, attention_bias=True,
+                  num_shared_experts=1, shared_expert_intermediate_size=32, tie_word_embeddings=True,
+                  num_hidden_layers=4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
     # Nemotron-style plain relu2 experts, LayerNorm1P, dropping capacity
     "plain": dict(mlp_gated=False, hidden_act="relu2", norm_type="layernorm1p", capacity_factor=1.0,
-                  router_type="topk_softmax", num_key_value_heads=4),
+                  router_type="topk_softmax"),
 }
 # Parameters no plan shards: norms (per channel or per head), the router (replicated: every rank routes alike), and
 # the biases added after a rowwise all-reduce.
 WHOLE_UNDER_TP = re.compile(r"(norm|layernorm)\.(weight|bias)$|\.mlp\.gate\.weight$|\.(o_proj|down_proj)\.bias$")
+
+
+def _generic(name: str) -> str:
+    """transformers' plan key for a module or parameter name: layer numbers become `*`."""
+    return re.sub(r"\.\d+(\.|$)", lambda m: ".*" + m.group(1), name)
+
+
+@pytest.mark.parametrize("name", [*FOLDERS, "all_dense"])
+def test_plans_name_every_module_they_shard_and_nothing_else(name):
+    """Each plan rule names a module or parameter this config builds (a renamed module would leave it sharding
+    nothing, silently), and every parameter but norms, router and post-reduce biases has a TP rule."""
+    overrides = FOLDERS.get(name, {"mlp_layer_types": ["dense", "dense"]})
+    with torch.device("meta"):
+        model = UpcycledMoeForCausalLM(UpcycledMoeConfig(**{**COMMON, **overrides}))
+    params = {_generic(n) for n, _ in model.named_parameters()}
+    names = params | {_generic(n) for n, _ in model.named_modules()}
+    tp_plan = {**type(model)._tp_plan, **{f"model.{k}": v for k, v in model.config.base_model_tp_plan.items()}}
+    ep_plan = {f"model.{key}": style for key, style in model.config.base_model_ep_plan.items()}
+    assert not (tp_plan.keys() | ep_plan.keys()) - names
+    uncovered = {p for p in params if p not in tp_plan and p.rpartition(".")[0] not in tp_plan}
+    assert uncovered and all(WHOLE_UNDER_TP.search(p) for p in uncovered), uncovered
+    experts = {p for p in params if ".mlp.experts." in p}
+    assert {p for p in experts if p in ep_plan} == experts  # whole experts per rank: every expert weight
+    assert bool(ep_plan) == bool(experts)  # no sparse layer: no expert plan (transformers then refuses EP)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +109,10 @@ def check(entry: dict, old_ep_vocabulary: bool):
     assert entry["tokens"] == entry["reference_tokens"], where
     assert entry["max_abs_dlogit"] <= 1e-5, (where, entry["max_abs_dlogit"])
     assert entry["max_abs_logit"] > 1e-2, where  # logits that can differ at all
+    if entry["mode"] == "pp":  # each rank holds its stage's layers only; together, all of them
+        held = [rank["bytes"] for rank in entry["per_rank"]]
+        assert max(held) < entry["full_bytes"] * 0.75 and sum(held) >= entry["full_bytes"], (where, held)
+        return
     sharded, whole = entry["sharded_full_bytes"], entry["full_bytes"] - entry["sharded_full_bytes"]
     for rank, held in enumerate(entry["per_rank"]):
         assert held["sharded_bytes"] * world == sharded, (where, rank, held)
@@ -112,9 +143,11 @@ def expect(report, jobs):
 
 
 def test_tp_and_ep_on_4_ranks_match_one_process_newest_transformers(folders, tmp_path, tested_versions):
-    """4 ranks: a quarter of every head group and expert width under TP, one whole expert each under EP."""
-    # all-to-all token exchange only where it differs: the capacity's dropped slots (plain)
-    jobs = {folder: ["tp", "ep"] + (["ep_all_to_all"] if name == "plain" else []) for name, folder in folders.items()}
+    """4 ranks: a quarter of every head group and expert width under TP, one whole expert each under EP, one
+    decoder layer each under PP."""
+    # all-to-all token exchange only where it differs (the capacity's dropped slots), pipeline stages on one folder
+    extra = {"plain": ["ep_all_to_all"], "gated": ["pp"]}
+    jobs = {folder: ["tp", "ep", *extra.get(name, [])] for name, folder in folders.items()}
     report = torchrun(4, jobs, tmp_path)
     expect(report, jobs)
     for entry in report:
@@ -125,7 +158,7 @@ def test_tp_and_ep_on_4_ranks_match_one_process_newest_transformers(folders, tmp
 
 def test_tp_and_ep_on_2_ranks_match_one_process_transformers_5_17(folders, tmp_path, transformers_517,  # noqa: F811
                                                                   tested_versions):
-    jobs = {folder: ["tp", "ep"] for folder in folders.values()}
+    jobs = {folder: ["tp", "ep"] + (["pp"] if name == "gated" else []) for name, folder in folders.items()}
     report = torchrun(2, jobs, tmp_path, pythonpath=transformers_517)
     expect(report, jobs)
     assert {e["transformers"] for e in report} == {"5.17.0"}
