@@ -186,7 +186,8 @@ def run(name, moe, impl, args, results, precision="bf16"):
     tokens = batch * seq * args.accum
     tps = tokens / (ms / 1e3)
     mfu = tps * fpt / peak_flops(device)
-    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "precision": precision, "batch": batch,
+    row = {"model": name, "moe": moe, "impl": impl if moe else "dense", "precision": precision,
+           "weights_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "autocast": amp, "batch": batch,
            "seq": seq, "accum": args.accum,
            "params": n_params, "active_matmul_params": active, "flops_per_token": fpt, "step_ms": ms,
            "fwd_bwd_ms": fb_ms, "tokens_per_s": tps, "mfu": mfu, "loss": loss.item(),

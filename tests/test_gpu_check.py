@@ -85,6 +85,9 @@ def test_dry_run_summary_records_every_stage_and_what_was_not_run(dry_run):
     assert sorted((r["moe"], r["precision"]) for r in rows) == [(False, "amp"), (False, "bf16"), (True, "amp"),
                                                                  (True, "bf16")]
     assert all("error" not in r and 5.0 < r["loss"] < 8.0 and r["accum"] == 2 for r in rows)
+    # amp is the training scripts' path: fp32 master weights, bf16 autocast; bf16 is bf16 weights, no autocast
+    assert {(r["precision"], r["weights_dtype"], r["autocast"]) for r in rows} == {("amp", "float32", True),
+                                                                                   ("bf16", "bfloat16", False)}
     assert stages["pretrain_fsdp"]["result"]["steps"] == 2
     assert all(t["status"] == "not evaluated (dry run on a CPU)" for t in summary["targets"]) and summary["targets"]
     assert summary["elapsed_s"] <= summary["budget_s"]
