@@ -163,6 +163,9 @@ def test_fsdp2_on_cpu_sigkill_then_resume_on_two_machines_matches_one_process(tm
     # the final folder: full (gathered) weights and the model's own remote code (nothing of FSDP's), loaded in a
     # fresh process without this package
     assert not list(out.glob("_fsdp*.py"))
+    full = (out / "model.safetensors").stat().st_size
+    for shard in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp"):  # each rank holds about half of the weights
+        assert shard.stat().st_size < 0.6 * full, (shard.name, shard.stat().st_size, full)
     logits = tmp_path / "logits.safetensors"
     code = (
         "import sys; sys.path = [p for p in sys.path if 'upcycled' not in p and p not in ('', '.')]\n"
