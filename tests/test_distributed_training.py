@@ -121,6 +121,7 @@ def sbatch_on_two_machines(tmp_path: Path, args: list[str]) -> tuple[list[str], 
     return ["bash", str(REPO_ROOT / "trainer_scripts" / "slurm" / "train_multinode.sbatch"), str(run_yaml), *args], env
 
 
+@pytest.mark.slow
 def test_fsdp2_on_cpu_sigkill_then_resume_on_two_machines_matches_one_process(tmp_path, one_process, tiny_dir,
                                                                               corpus):
     """Like a cluster job that crashes and is resubmitted. fsdp.yaml, 2 local CPU processes: checkpoint-2 sharded
