@@ -34,7 +34,7 @@ BENCH = ROOT / "benchmarks"
 CONFIGS = ROOT / "trainer_scripts" / "accelerate_configs"
 OUT_FILES = ("summary.json", "summary.md", "profile_1b_moe.txt", "gpu_check_logs.tar.gz")
 MAX_FILE_BYTES = 16 * 2**20  # the device tool returns files up to 16 MiB
-LOG_TAIL_BYTES = 2 * 2**20  # per log in the bundle: its last 2 MiB
+LOG_TAIL_BYTES = 8 * 2**20  # per log in the bundle: its last 8 MiB (shorter if the bundle would not fit)
 BUDGET_S = 540  # 9 minutes on the device, inside one 10-minute command
 RESERVE_S = 10  # kept back for the final summary
 MIN_STAGE_S = 15  # a stage left less than this is skipped, not started
@@ -327,27 +327,30 @@ def write_outputs(out: Path, work: Path, summary: dict) -> None:
     if profile.exists():
         files["profile_1b_moe.txt"] = profile
     bundle = work / "gpu_check_logs.tar.gz"
-    with tarfile.open(bundle, "w:gz") as tar:
-        for path in sorted(work.rglob("*")):
-            if path.is_file() and path.suffix in (".log", ".json", ".md", ".xml", ".jsonl") \
-                    and not any(p.startswith("pretrain_inputs") for p in path.parts) and path != bundle:
-                add_tail(tar, path, path.relative_to(work).as_posix())
+    members = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix in (".log", ".json", ".md", ".xml")
+               and not any(part.startswith("pretrain_inputs") for part in p.parts) and p != bundle]
+    for tail in (LOG_TAIL_BYTES, LOG_TAIL_BYTES // 8, LOG_TAIL_BYTES // 64):  # shorter tails until it fits
+        with tarfile.open(bundle, "w:gz") as tar:
+            for path in members:
+                add_tail(tar, path, path.relative_to(work).as_posix(), tail)
+        if bundle.stat().st_size <= MAX_FILE_BYTES:
+            break
     files["gpu_check_logs.tar.gz"] = bundle
     for name, src in files.items():
         data = src.read_bytes()
-        if len(data) > MAX_FILE_BYTES:  # keep the end: that is where a failure is
-            data = data[-MAX_FILE_BYTES:] if name != "gpu_check_logs.tar.gz" else b""
+        if len(data) > MAX_FILE_BYTES and name != "gpu_check_logs.tar.gz":  # keep the end: where a failure is
+            data = data[-MAX_FILE_BYTES:]
         tmp = out / (name + ".tmp")
         tmp.write_bytes(data)
         tmp.replace(out / name)
 
 
-def add_tail(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
+def add_tail(tar: tarfile.TarFile, path: Path, arcname: str, tail: int) -> None:
     import io
 
     data = path.read_bytes()
-    if len(data) > LOG_TAIL_BYTES:
-        data = b"[... head cut, last 2 MiB kept ...]\n" + data[-LOG_TAIL_BYTES:]
+    if len(data) > tail:
+        data = f"[... head cut, last {tail} bytes kept ...]\n".encode() + data[-tail:]
     info = tarfile.TarInfo(arcname)
     info.size = len(data)
     info.mtime = int(time.time())

@@ -165,3 +165,20 @@ def test_bad_invocations_are_one_error_line(tmp_path):
     assert res.returncode == 2 and "is a file" in res.stderr and (tmp_path / "file").read_text() == "x"
     res = check(str(tmp_path / "o"), "--jobs", "2")  # timings on a GPU need the stages one at a time
     assert res.returncode == 2 and "error: --jobs 2" in res.stderr
+
+
+def test_the_log_bundle_stays_within_what_one_returned_file_may_hold(tmp_path):
+    gpu_check = import_gpu_check()
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "logs").mkdir(parents=True)
+    noise = os.urandom(gpu_check.MAX_FILE_BYTES)  # incompressible: gzip cannot rescue it
+    for i in range(3):
+        (work / "logs" / f"stage{i}.log").write_bytes(noise + f"the end of stage {i}\n".encode())
+    summary = {"dry_run": True, "date": "today", "budget_s": 1, "elapsed_s": 0.0, "env": None, "stages": [],
+               "targets": []}
+    gpu_check.write_outputs(out, work, summary)
+    bundle = out / "gpu_check_logs.tar.gz"
+    assert bundle.stat().st_size <= 16 * 2**20
+    with tarfile.open(bundle) as tar:
+        for i in range(3):  # each log's end (where a failure shows) is kept
+            assert tar.extractfile(f"logs/stage{i}.log").read().endswith(f"the end of stage {i}\n".encode())
