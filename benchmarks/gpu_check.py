@@ -184,7 +184,8 @@ def run_stage(stage: dict, work: Path, deadline: float, env: dict) -> dict:
                 rc, status, reason = None, "timeout", f"killed after its time box of {limit:.0f} s"
                 break
             if rc != 0:
-                status, reason = "failed", f"exit status {rc} ({Path(str(cmd[1])).name} {cmd[2] if len(cmd) > 2 else ''})"
+                what = " ".join([Path(str(cmd[1])).name, *map(str, cmd[2:3])])
+                status, reason = "failed", f"exit status {rc} ({what})"
                 break
     if status == "failed":
         reason += ": " + last_line(log)
@@ -327,8 +328,9 @@ def write_outputs(out: Path, work: Path, summary: dict) -> None:
     if profile.exists():
         files["profile_1b_moe.txt"] = profile
     bundle = work / "gpu_check_logs.tar.gz"
-    members = [p for p in sorted(work.rglob("*")) if p.is_file() and p.suffix in (".log", ".json", ".md", ".xml")
-               and not any(part.startswith("pretrain_inputs") for part in p.parts) and p != bundle]
+    members = [p for p in sorted(work.rglob("*")) if p.is_file() and p != bundle
+               and p.suffix in (".log", ".json", ".jsonl", ".md", ".xml")
+               and not any(part.startswith("pretrain_inputs") for part in p.parts)]
     for tail in (LOG_TAIL_BYTES, LOG_TAIL_BYTES // 8, LOG_TAIL_BYTES // 64):  # shorter tails until it fits
         with tarfile.open(bundle, "w:gz") as tar:
             for path in members:
@@ -366,12 +368,17 @@ def fmt(v, spec, scale=1.0, suffix=""):
 
 
 def markdown(summary: dict) -> str:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    from train_step import dense_twin_of  # the baseline train_step's own table uses
+
     env = summary.get("env") or {}
     gpu = env.get("gpu") or "none (CPU)"
-    lines = [f"### gpu_check.sh {'dry run (CPU, tiny shapes: no number here means anything)' if summary['dry_run'] else 'run'}"
-             f", {summary['date']}", "",
+    kind = "dry run (CPU, tiny shapes: no number here means anything)" if summary["dry_run"] else "run"
+    lines = [f"### gpu_check.sh {kind}, {summary['date']}", "",
              f"Device: {gpu}; driver {env.get('driver', '-')}; torch {env.get('torch', '-')}, transformers "
-             f"{env.get('transformers', '-')}, triton {env.get('triton', '-')}, accelerate {env.get('accelerate', '-')}, "
+             f"{env.get('transformers', '-')}, triton {env.get('triton', '-')}, "
+             f"accelerate {env.get('accelerate', '-')}, "
              f"deepspeed {env.get('deepspeed', '-')}; Python {env.get('python', '-')}. "
              f"Wall time {summary['elapsed_s']:.0f} s of a {summary['budget_s']} s budget.", "",
              "| stage | status | seconds | note |", "|---|---|---|---|"]
@@ -396,11 +403,11 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {r['model']} | {variant} | {r.get('precision')} | {r.get('batch')} | {r['error']} "
                              "| - | - | - | - | - |")
                 continue
-            dense = next((d for d in rows if not d["moe"] and "error" not in d and all(
-                d.get(k) == r.get(k) for k in ("model", "precision", "accum"))), None)
+            dense = dense_twin_of(r, rows)
             lines.append(f"| {r['model']} | {variant} | {r['precision']} | {r['batch']} x {r['seq']} x {r['accum']} | "
                          f"{r['step_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                         f"{fmt(r['mfu'], '.1f', 100, '%')} | {fmt(r['step_ms'] / dense['step_ms'] if dense else None, '.2f', 1, 'x')} | "
+                         f"{fmt(r['mfu'], '.1f', 100, '%')} | "
+                         f"{fmt(r['step_ms'] / dense['step_ms'] if dense else None, '.2f', 1, 'x')} | "
                          f"{fmt(r.get('peak_mem_gib'), '.1f')} |")
     layer = summary.get("moe_layer_md")
     if layer:
@@ -522,7 +529,8 @@ def main(argv=None) -> int:
     start = time.monotonic()
     deadline = start + args.budget
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path,
            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "UPCYCLED_MOE_TEST_CACHE": str(cache)}
     if args.dry_run:
