@@ -37,8 +37,8 @@ def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Pope
     """A launch with its output in files (a pipe nobody reads while polling would fill up and stall the ranks),
     marked so that ``kill`` finds every process under it."""
     marker = f"{log}-{time.time_ns()}"
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**ENV, **(env or {}), MARKER: marker},
-                            stdout=open(f"{log}.out", "w"), stderr=open(f"{log}.err", "w"))
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**ENV, **(env or {}), MARKER: marker}, stdout=out, stderr=err)
     proc.log, proc.marker = log, marker
     return proc
 
@@ -48,9 +48,8 @@ def output(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the launch and every process it started, found by the marker in their environment: torch's elastic
-    agent starts the ranks in sessions of their own, and they outlive a killed launcher (they would finish the
-    run, or wait for a dead peer)."""
+    """SIGKILL the launch and every process it started, found by the marker in their environment. Killing the
+    launcher alone, or its session (killpg), left the ranks running: they finished the run it was to interrupt."""
     import psutil
 
     for p in psutil.process_iter():
