@@ -334,10 +334,72 @@ def test_command_line_mistakes(capsys, tmp_path, family_sources):
     cfg = write_yaml(tmp_path / "moe.yaml", {"base_model": base, "experts": [base, base]})
     for argv, needle in ([["convert", base, "--config", cfg, tmp_path / "out"], "SOURCE"],
                          [["convert", tmp_path / "out"], "SOURCE is missing"],
-                         [["convert", "--config", cfg, tmp_path / "out", "--num-experts", "4"], "num_experts"],
+                         [["convert", "--config", cfg, tmp_path / "out", "--num-experts", "4"], "--num-experts (command line)"],
                          [["convert", "--config", cfg, tmp_path / "out", "--to", "mixtral"], "attention biases"]):
         capsys.readouterr()
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and needle in err, err
         assert sorted(os.listdir(tmp_path)) == ["moe.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+PEAK_RSS_CHILD = r"""
+import gc, json, sys
+from upcycled_moe.conversion.multi_source import upcycle_multi
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+peaks = []
+for config, output in zip(sys.argv[1::2], sys.argv[2::2]):
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak to the current RSS: one process (one import of torch) measures both runs
+    upcycle_multi(config, output)
+    peaks.append(peak())
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_the_number_of_sources(tmp_path):
+    """8 experts from 2 sources, then from 8 sources with averaged base weights: one layer's FFN of one source
+    (12 MiB in fp32 here) is all that is held, so holding every source's layer (100 MiB) would show (a cache that
+    keeps every source gave 496 vs 669 MiB)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=2048,
+                                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=8))
+    paths = []
+    for i in range(8):
+        if i:
+            perturbed(model, seed=i)
+        model.save_pretrained(tmp_path / f"src{i}")
+        paths.append(str(tmp_path / f"src{i}"))
+    del model
+    argv = []
+    for n, extra in ((2, {}), (8, {"base_weights": "average"})):
+        cfg = write_yaml(tmp_path / f"moe{n}.yaml", {"base_model": paths[0], "gate_mode": "random", **extra,
+                                                     "experts": [paths[i * n // 8] for i in range(8)]})
+        argv += [str(cfg), str(tmp_path / f"moe{n}")]
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, *argv], capture_output=True, text=True,
+                          cwd=tmp_path)  # not the repository root first on sys.path: the package PYTHONPATH names
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two, eight = json.loads(proc.stdout.split("\n")[-2])
+    print(f"\npeak RSS, 8 experts from 2 sources: {two:.0f} MiB, from 8 sources (averaged base): {eight:.0f} MiB")
+    assert (tmp_path / "moe8" / "config.json").is_file()
+    assert eight <= two + 30, (two, eight)
+
+
+def test_model_card_names_every_source(tmp_path, family_sources):
+    base, a, b = family_sources["llama"]
+    cfg = write_yaml(tmp_path / "moe.yaml", {"base_model": str(base), "experts": [str(a), {"source_model": str(b),
+                                                                                          "copies": 3}]})
+    assert cli("convert", "--config", cfg, tmp_path / "moe", "--quiet") == 0
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert f"`{a}` x 1" in card and f"`{b}` x 3" in card and f"convert --config {cfg} OUTPUT" in card

@@ -57,8 +57,24 @@ def source_name(description: dict) -> str:
     return Path(path).name if path else "a dense model"
 
 
+def multi_source_text(multi: dict) -> str:
+    """The experts' sources and the router's start, for an MoE built from several models."""
+    lines = [f"- Experts from several models (gate mode `{multi['gate_mode']}`); attention, embeddings and norms "
+             + ("averaged over the expert sources (Branch-Train-MiX)." if multi["base_weights"] == "average"
+                else f"from `{multi['base_model']['source_model']}`.")]
+    for e, expert in enumerate(multi["experts"]):
+        part = f" slice {expert['ffn_slice']}" if expert["ffn_slice"] else ""
+        lines.append(f"  - expert(s) {e}: `{expert['source_model']}`{part} x {expert['copies']}")
+    if multi["shared_expert"]:
+        lines.append(f"- Shared expert from `{multi['shared_expert']['source_model']}` (half the output).")
+    return "\n".join(lines)
+
+
 def method_text(plan) -> str:
     o = plan.options
+    multi = (getattr(plan.config, "upcycling", None) or {}).get("multi_source")
+    if multi:
+        return multi_source_text(multi) + f"\n- {o.num_experts} routed experts, top-{o.top_k}, router `{o.router}`."
     g = o.granularity
     lines = [
         f"- {o.num_experts} routed experts per MoE layer ({o.num_groups} copies of the dense FFN x granularity {g}, "
@@ -108,6 +124,9 @@ def verify_text(results: dict | None) -> str:
 
 def command_text(plan) -> str:
     o, d = plan.options, plan.source.description
+    multi = (getattr(plan.config, "upcycling", None) or {}).get("multi_source")
+    if multi:
+        return shlex.join(["upcycle-moe", "convert", "--config", multi["config_file"], "OUTPUT"])
     source = d.get("embedded") or d.get("hub_id") or d.get("path") or "SOURCE"
     parts = ["upcycle-moe", "convert", source, "OUTPUT"]
     for key, flag in DEFAULT_FLAGS.items():

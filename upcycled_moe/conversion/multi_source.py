@@ -168,12 +168,13 @@ def parse_spec(data: dict, where: str = "config", **overrides) -> MultiSourceSpe
     overrides = {str(k).replace("-", "_"): v for k, v in overrides.items()}
     option_fields = set(UpcycleOptions.field_names()) - set(SET_BY_SPEC) - {"base_model"}
     for key in list(data) + list(overrides):
+        label = key if key in data else f"--{key.replace('_', '-')} (command line)"
         if key in MERGEKIT_UNSUPPORTED:
-            _fail(where, key, f"not supported: {MERGEKIT_UNSUPPORTED[key]}")
+            _fail(where, label, f"not supported: {MERGEKIT_UNSUPPORTED[key]}")
         if key in SET_BY_SPEC:
-            _fail(where, key, f"cannot be set in a file that lists experts: {SET_BY_SPEC[key]}")
+            _fail(where, label, f"cannot be set with a file that lists experts: {SET_BY_SPEC[key]}")
         if key not in SPEC_KEYS and key not in option_fields:
-            _fail(where, key, f"unknown key; known keys: {sorted(set(SPEC_KEYS) | option_fields)}")
+            _fail(where, label, f"unknown key; known keys: {sorted(set(SPEC_KEYS) | option_fields)}")
     raw_experts = data.get("experts")
     if not isinstance(raw_experts, list) or not raw_experts:
         _fail(where, "experts", "must be a non-empty list of {source_model: MODEL, ...}")
