@@ -104,7 +104,7 @@ def torchrun(nproc: int, jobs: dict[Path, list[str]], tmp_path: Path, pythonpath
 
 def check(entry: dict, old_ep_vocabulary: bool):
     """One (folder, mode) of the report: sharded 1/world, same logits and tokens as one process."""
-    where = f"{Path(entry['folder']).name} {entry['mode']} x{entry['world_size']} (transformers {entry['transformers']})"
+    where = f"{Path(entry['folder']).name} {entry['mode']} x{entry['world_size']}, transformers {entry['transformers']}"
     world = entry["world_size"]
     assert entry["tokens"] == entry["reference_tokens"], where
     assert entry["max_abs_dlogit"] <= 1e-5, (where, entry["max_abs_dlogit"])
@@ -119,7 +119,8 @@ def check(entry: dict, old_ep_vocabulary: bool):
         assert held["bytes"] == whole + sharded // world, (where, rank, held)
     experts, q_proj = entry["layouts"]["experts"], entry["layouts"]["q_proj"]
     if entry["mode"] == "tp":  # every matrix but the router is split, experts along their width
-        assert all(WHOLE_UNDER_TP.search(name) for name in entry["whole_parameters"]), (where, entry["whole_parameters"])
+        whole_names = entry["whole_parameters"]
+        assert all(WHOLE_UNDER_TP.search(name) for name in whole_names), (where, whole_names)
         assert experts["split_dims"] == [1], (where, experts)
     else:  # whole experts per rank: the expert dimension is split
         assert experts["split_dims"] == [0], (where, experts)
