@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 
 import torch
 
@@ -359,17 +358,22 @@ def fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
 
 
 def run(cfg: PretrainConfig) -> dict:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
 
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     log_with = None if cfg.report_to == "none" else cfg.report_to
+    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+                        and not torch.accelerator.is_available())
     accelerator = Accelerator(
         # no GPU/accelerator at all: `accelerate launch --multi_gpu --num_processes N` then means N CPU processes
-        # (gloo) instead of N independent single-process runs
-        cpu=not torch.accelerator.is_available(),
+        # (gloo) instead of N independent single-process runs. DeepSpeed on CPU is the exception: accelerate skips
+        # DeepSpeed under cpu=True, and without it finds no backend and counts 1 process; naming gloo lets DeepSpeed's
+        # CPU accelerator run ZeRO-3 over the CPU processes. (FSDP2 on CPU: fsdp_on_cpu below.)
+        cpu=not torch.accelerator.is_available() and not deepspeed_on_cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if deepspeed_on_cpu else None,
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
@@ -378,10 +382,6 @@ def run(cfg: PretrainConfig) -> dict:
     main = accelerator.is_main_process
     world = accelerator.num_processes
     fsdp_on_cpu(accelerator, mixed)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and accelerator.distributed_type.value in (
-            "MULTI_CPU", "NO") and main:
-        print("[upcycle-moe-pretrain] warning: the accelerate config asks for DEEPSPEED but there is no GPU: "
-              "Accelerate runs plain data parallel on CPU instead (same results, no sharding)", file=sys.stderr, flush=True)
     layout = Layout(cfg.micro_batch_size, cfg.gradient_accumulation_steps, world, accelerator.process_index)
 
     # --- preflight: everything that can be wrong with the inputs, before any weights are loaded
