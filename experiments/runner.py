@@ -92,7 +92,7 @@ TOP_KEYS = {
     "training": "PretrainConfig fields shared by every arm (learning_rate, warmup_steps, min_lr_ratio, ...)",
     "upcycling": "UpcycleOptions shared by every MoE arm (num_experts, top_k, router, scaling, ...)",
     "arms": "list of arms: {name, description, dense, training: {...}, upcycling: {...}}",
-    "report": "{baseline: ARM or GROUP, best_of: {GROUP: [ARM, ...]}}",
+    "report": "{baseline: ARM or GROUP, best_of: {GROUP: [ARM, ...]}, plots: true}",
     "keep_models": "keep each run's final weights and checkpoints (default false: deleted once the run is recorded)",
 }
 BASE_KEYS = {"source", "gguf_file", "num_layers"}
@@ -102,7 +102,7 @@ CORPUS_MANIFEST = "corpus.json"
 BUDGET_KEYS = {"tokens", "block_size", "micro_batch_size", "gradient_accumulation_steps", "eval_interval_tokens",
                "max_eval_blocks", "save_interval_tokens", "warmup_tokens"}
 ARM_KEYS = {"name", "description", "dense", "training", "upcycling"}
-REPORT_KEYS = {"baseline", "best_of"}
+REPORT_KEYS = {"baseline", "best_of", "plots"}
 # PretrainConfig fields that the runner sets itself (equal for every arm, or derived from `budget` / `seeds`)
 MANAGED_TRAINING = {
     "model_name_or_path": "base_model.source", "upcycling": "upcycling / arms[].upcycling",
@@ -412,7 +412,10 @@ def _validate(raw: dict, config_path: Path | None) -> dict:
     baseline = report.get("baseline")
     if baseline is not None and baseline not in names and baseline not in best_of:
         _fail("report.baseline", f"{baseline!r} is neither an arm nor a best_of group")
-    cfg["report"] = {"baseline": baseline, "best_of": {str(k): list(v) for k, v in best_of.items()}}
+    plots = report.get("plots", True)
+    if not isinstance(plots, bool):
+        _fail("report.plots", f"must be true or false, got {plots!r}")
+    cfg["report"] = {"baseline": baseline, "best_of": {str(k): list(v) for k, v in best_of.items()}, "plots": plots}
     return cfg
 
 
@@ -1173,7 +1176,7 @@ def run_experiment(config: str | os.PathLike | dict, out_dir: str | os.PathLike 
     summary = aggregate(cfg, results)
     env = environment()
     env["wall_clock_s"] = time.perf_counter() - t0
-    plots = write_plots(cfg, results, out) if results else []
+    plots = write_plots(cfg, results, out) if results and cfg["report"]["plots"] else []
     complete = all(p["status"] == "done" for p in progress)
     document = {"experiment": cfg["name"], "config": cfg, "environment": env, "corpus": corpus,
                 "summary": summary, "runs": results, "plots": plots, "progress": progress, "complete": complete,

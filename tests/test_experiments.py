@@ -319,6 +319,7 @@ def test_device_call_cut_short_then_next_call_on_a_fresh_machine_finishes(device
                                                       "dense_vs_upcycled.tgz"]
     names = _unpack(out1 / "dense_vs_upcycled.tgz", tmp_path / "unpacked")
     assert not [n for n in names if n.endswith(".safetensors") or "checkpoint-" in n], names
+    assert "runs/experiments/dense_vs_upcycled/val_loss_vs_tokens.png" in names
     progress = json.loads((tmp_path / "unpacked" / "runs/experiments/dense_vs_upcycled/progress.json").read_text())["runs"]
     assert [r["status"] for r in progress] == ["done", "not_started", "not_started"], progress
     assert progress[0]["steps_done"] == progress[0]["max_steps"] == 4
@@ -358,7 +359,7 @@ def test_killed_arm_is_reported_then_resumed_from_its_checkpoint(device_workspac
     monkeypatch.chdir(ws["work"])  # the runner's relative runs_dir, as on the device
     monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(ws["state"] / "cache"))
     args = _device_args(ws, "drop_upcycling") + ["--set", "budget.tokens=1024", "--set", "budget.eval_interval_tokens=256",
-                                                      "--arms", "moe_e8t2_drop50"]
+                                                      "--arms", "moe_e8t2_drop50", "--set", "report.plots=false"]
 
     def send_sigterm_after_the_first_checkpoint():
         deadline = time.time() + 240
@@ -388,7 +389,7 @@ def test_every_comparison_command_runs_on_cpu(device_workspace, name, monkeypatc
     ws = device_workspace
     monkeypatch.chdir(ws["work"])
     monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(ws["state"] / "cache"))
-    args = _device_args(ws, name, tmp_path)
+    args = _device_args(ws, name, tmp_path) + ["--set", "report.plots=false"]  # plots: checked through device.sh
     assert runner.main(args) == 0
     doc = json.loads(Path(f"runs/experiments/{name}/results.json").read_text())
     cfg = load_config(name)
