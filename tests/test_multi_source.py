@@ -334,7 +334,8 @@ def test_command_line_mistakes(capsys, tmp_path, family_sources):
     cfg = write_yaml(tmp_path / "moe.yaml", {"base_model": base, "experts": [base, base]})
     for argv, needle in ([["convert", base, "--config", cfg, tmp_path / "out"], "SOURCE"],
                          [["convert", tmp_path / "out"], "SOURCE is missing"],
-                         [["convert", "--config", cfg, tmp_path / "out", "--num-experts", "4"], "--num-experts (command line)"],
+                         [["convert", "--config", cfg, tmp_path / "out", "--num-experts", "4"],
+                          "--num-experts (command line)"],
                          [["convert", "--config", cfg, tmp_path / "out", "--to", "mixtral"], "attention biases"]):
         capsys.readouterr()
         assert main([str(a) for a in argv]) == 2

@@ -92,7 +92,7 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
                                              "left out when --config lists the experts' sources")
     p.add_argument("output", help="output folder (written atomically)")
     p.add_argument("--config", metavar="FILE", help="YAML file of options, or of several sources (experts: ...; "
-                                                    "mergekit-moe files are accepted as they are); flags given here win")
+                                                    "mergekit-moe files are accepted as they are); flags win")
     p.add_argument("--to", choices=["mixtral", "qwen2_moe", "qwen3_moe"],
                    help="write a stock Transformers MoE instead of an UpcycledMoe folder (refused up front when it "
                         "cannot express the model)")

@@ -106,7 +106,7 @@ class ConversionPlan:
 
 @dataclass(frozen=True)
 class ExpertSlot:
-    """Routed expert e = rows `rows` of the intermediate dimension of `source`'s FFN (its gate/up rows, down columns)."""
+    """Routed expert e = rows `rows` of the intermediate dimension of `source`'s FFN (gate/up rows, down columns)."""
 
     source: DenseSource
     rows: slice

@@ -451,7 +451,8 @@ def upcycle_multi(config, output, *, quiet: bool = True, to: str | None = None, 
     opts = spec.options
     check_export_target(to)
     texts = read_option_texts(opts)
-    names = [spec.base_model] + [e.source_model for e in spec.experts] + ([spec.shared.source_model] if spec.shared else [])
+    names = [spec.base_model] + [e.source_model for e in spec.experts]
+    names += [spec.shared.source_model] if spec.shared else []
     out = check_output(output, opts.overwrite)
     for folder in dict.fromkeys(_local_folder(n) for n in names):
         if folder is not None:
