@@ -404,3 +404,27 @@ def test_model_card_names_every_source(tmp_path, family_sources):
     assert cli("convert", "--config", cfg, tmp_path / "moe", "--quiet") == 0
     card = (tmp_path / "moe" / "README.md").read_text()
     assert f"`{a}` x 1" in card and f"`{b}` x 3" in card and f"convert --config {cfg} OUTPUT" in card
+
+
+def test_plain_copies_skip_the_float32_round_trip(tmp_path, family_sources, monkeypatch):
+    """Copies (topk_softmax, G = 1) are read and written in the stored dtype, bit-exact; scaled experts go
+    through float32."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycled_moe.conversion import convert as convert_module
+    from upcycled_moe.conversion import upcycle
+
+    AutoModelForCausalLM.from_pretrained(family_sources["llama"][1], dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16")
+    seen = []
+    get = convert_module.DenseMlpCache.get
+    monkeypatch.setattr(convert_module.DenseMlpCache, "get",
+                        lambda self, *a: seen.append(get(self, *a)[1].dtype) or get(self, *a))
+    upcycle(tmp_path / "bf16", tmp_path / "copies", num_experts=4, top_k=2, router="topk_softmax")
+    assert set(seen) == {torch.bfloat16}
+    moe, dense = tensors(tmp_path / "copies"), dense_tensors(tmp_path / "bf16")
+    for e in range(4):
+        assert torch.equal(moe["model.layers.1.mlp.experts.down_proj"][e], dense["model.layers.1.mlp.down_proj.weight"])
+    seen.clear()
+    upcycle(tmp_path / "bf16", tmp_path / "scaled", num_experts=4, top_k=2)  # softmax_topk: s = 2 on the experts
+    assert set(seen) == {torch.float32}

@@ -28,6 +28,7 @@ from .errors import UpcycleError, VerificationFailed, reason, step
 from .families import dense_config_fields, is_gated
 from .methods import (
     ExpertRecipe,
+    Multipliers,
     activation_scale,
     build_expert,
     calibrated_scale,
@@ -198,20 +199,27 @@ def plan_conversion(source: DenseSource, options: UpcycleOptions, tokenizer=None
 
 
 class DenseMlpCache:
-    """The dense FFN matrices of one (source, layer) in float32, kept while the experts built from it are produced.
-    Only one is held at a time, so memory does not grow with the number of sources."""
+    """The dense FFN matrices of one (source, layer), kept while the experts built from it are produced. Only one is
+    held at a time, so memory does not grow with the number of sources. In float32 when the experts are computed
+    (scaled, re-drawn, noised); in the stored dtype when they are plain copies, which need no arithmetic (a cast
+    through float32 would give the same bits, at twice the memory traffic)."""
 
-    def __init__(self, gated: bool):
+    def __init__(self, gated: bool, copies_only: bool = False):
         self.gated = gated
+        self.copies_only = copies_only
         self.key, self.value = None, None
+
+    def _read(self, source: DenseSource, name: str) -> torch.Tensor:
+        tensor = source.get(name)
+        return tensor if self.copies_only else tensor.float()
 
     def get(self, source: DenseSource, layer: int):
         if self.key != (id(source), layer):
             self.value = None  # free the previous one first
             prefix = f"model.layers.{layer}.mlp."
-            gate = source.get(prefix + "gate_proj.weight").float() if self.gated else None
-            up = source.get(prefix + "up_proj.weight").float()
-            down = source.get(prefix + "down_proj.weight").float()
+            gate = self._read(source, prefix + "gate_proj.weight") if self.gated else None
+            up = self._read(source, prefix + "up_proj.weight")
+            down = self._read(source, prefix + "down_proj.weight")
             self.key, self.value = (id(source), layer), (gate, up, down)
         return self.value
 
@@ -261,7 +269,6 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
 
     source, o, cfg, dtype = plan.source, plan.options, plan.config, plan.dtype
     gated = is_gated(source.model_type)
-    cache = DenseMlpCache(gated)
     recipes = {
         i: ExpertRecipe(
             granularity=o.granularity,
@@ -273,6 +280,9 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
         )
         for i in plan.moe_layers
     }
+    copies_only = all(r.multipliers == Multipliers() and r.drop_ratio == 0 and r.noise_std == 0
+                      for r in recipes.values())
+    cache = DenseMlpCache(gated, copies_only)
     with torch.device("meta"):
         import warnings
 
