@@ -358,7 +358,7 @@ def test_killed_arm_is_reported_then_resumed_from_its_checkpoint(device_workspac
     ws = device_workspace
     monkeypatch.chdir(ws["work"])  # the runner's relative runs_dir, as on the device
     monkeypatch.setenv("UPCYCLED_MOE_CACHE", str(ws["state"] / "cache"))
-    args = _device_args(ws, "drop_upcycling") + ["--set", "budget.tokens=1024", "--set", "budget.eval_interval_tokens=256",
+    args = _device_args(ws, "drop_upcycling") + ["--set", "budget.tokens=512", "--set", "budget.eval_interval_tokens=128",
                                                       "--arms", "moe_e8t2_drop50", "--set", "report.plots=false"]
 
     def send_sigterm_after_the_first_checkpoint():
@@ -375,11 +375,11 @@ def test_killed_arm_is_reported_then_resumed_from_its_checkpoint(device_workspac
     assert stopped.value.code == 128 + signal.SIGTERM
     assert runner.main(args + ["--report-only"]) == runner.INCOMPLETE
     progress = json.loads(Path("runs/experiments/drop_upcycling/progress.json").read_text())["runs"]
-    assert progress[0]["status"] == "cut_short" and 2 <= progress[0]["checkpoint_step"] <= progress[0]["steps_done"] < 32
+    assert progress[0]["status"] == "cut_short" and 2 <= progress[0]["checkpoint_step"] <= progress[0]["steps_done"] < 16
     assert "| `moe_e8t2_drop50` | 0 | cut_short |" in Path("runs/experiments/drop_upcycling/results.md").read_text()
     assert runner.main(args) == 0
     result = json.loads(next(Path("runs/experiments/_runs").glob("moe_e8t2_drop50-*/arm_result.json")).read_text())
-    assert result["resumed"] is True and result["steps"] == 32
+    assert result["resumed"] is True and result["steps"] == 16
 
 
 @pytest.mark.parametrize("name", runner.COMPARISONS[1:])
