@@ -369,6 +369,8 @@ class PretrainConfig:
     output_dir: str | None = opt(None, "run folder: checkpoints, logs, plots and the final model")
     overwrite_output_dir: bool = opt(False, "delete what output_dir holds and start a new run there")
     resume: str | None = opt(None, "'latest' (or true) = newest checkpoint in output_dir, or a checkpoint folder")
+    trust_deepspeed_checkpoint: bool = opt(False, "allow a DeepSpeed resume: DeepSpeed reads its engine state "
+                                           "with torch.load(weights_only=False), a pickle; only for checkpoints you wrote")
     save_steps: int = opt(500, "checkpoint every N steps (0 = only at the end)")
     save_total_limit: int = opt(3, "checkpoints kept (oldest deleted)")
     logging_steps: int = opt(10, "log every N steps")

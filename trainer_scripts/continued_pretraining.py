@@ -390,6 +390,10 @@ def run(cfg: PretrainConfig) -> dict:
     fingerprint = {k: v for k, v in to_dict(cfg).items() if k in FINGERPRINT_KEYS}
     fingerprint["micro_batch_size_x_accumulation_x_processes"] = layout.global_batch
     resume_state = prepare_output_dir(cfg, fingerprint, input_paths(cfg))
+    if resume_state and accelerator.distributed_type.value == "DEEPSPEED" and not cfg.trust_deepspeed_checkpoint:
+        raise ConfigError(f"resume: {resume_state['path']} is a DeepSpeed checkpoint, which DeepSpeed loads as pickles "
+                          "(torch.load with weights_only=False: code execution from a tampered file); if you wrote "
+                          "it, resume with --trust_deepspeed_checkpoint=true")
     train_docs, val_docs = load_documents(cfg)
     tokenizer = load_tokenizer(cfg)
     if model_config.vocab_size < len(tokenizer):
