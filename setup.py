@@ -11,6 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["upcycled_moe", "upcycled_moe.*", "trainer_scripts", "trainer_scripts.*", "experiments"]),
+    py_modules=["upcycled_moe_cli"],  # the console entry points: --help without importing torch
     package_data={"upcycled_moe": ["model_cards/*.md"], "trainer_scripts": ["accelerate_configs/*.yaml"], "experiments": ["*.yaml"]},
     install_requires=[
         "torch>=2.9",
@@ -33,9 +34,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "upcycle-moe=upcycled_moe.cli:main",
-            "upcycle-moe-pretrain=trainer_scripts.continued_pretraining:main",
-            "upcycle-moe-finetune=trainer_scripts.finetune:main",
+            "upcycle-moe=upcycled_moe_cli:upcycle_moe",
+            "upcycle-moe-pretrain=upcycled_moe_cli:pretrain",
+            "upcycle-moe-finetune=upcycled_moe_cli:finetune",
         ]
     },
 )

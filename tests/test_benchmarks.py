@@ -57,12 +57,6 @@ def test_train_step_benchmark_runs_dense_and_moe_with_the_models_flop_count(tmp_
     assert moe["params"] > 2 * dense["params"]  # 8 experts: far more parameters in total
 
 
-def test_train_step_profile_mode_lists_operators():
-    stdout = run_script(*TINY, "--profile", "--profile-steps", "1", "--no-dense")
-    assert "[profile] tiny MoE upcycled_fused" in stdout
-    assert "aten::" in stdout
-
-
 def test_lm_loss_benchmark_chunked_and_full_losses_agree():
     lm_loss = import_benchmark("lm_loss")
     common = dict(device="cpu", dtype="float32", hidden=32, vocab=300, batch=2, seq=50, reps=1, threads=1)

@@ -337,6 +337,22 @@ def test_greedy_generation_with_cache_equals_without(overrides):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=4, layer_types=["full_attention", "sliding_attention"])])
+def test_static_cache_generation_equals_dynamic(overrides):
+    """generate(cache_implementation="static") hands the model its masks prebuilt, as a dict per layer type (the
+    forward used to rebuild masks from that dict: AttributeError 'dict' object has no attribute 'ndim')."""
+    model = small_model(**overrides)
+    torch.manual_seed(1)
+    prompt = torch.randint(1, 128, (2, 7))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # a left-padded row
+    dynamic = model.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    static = model.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                            cache_implementation="static")
+    assert static.shape == (2, 15)
+    assert torch.equal(static, dynamic)
+
+
 def test_sdpa_and_eager_attention_agree():
     torch.manual_seed(0)
     config = small_config(sliding_window=5, layer_types=["sliding_attention", "full_attention"])

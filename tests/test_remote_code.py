@@ -1,5 +1,6 @@
 """A saved folder loads as remote code (trust_remote_code=True) in a process where `import upcycled_moe` is
-impossible, through AutoConfig / AutoModel / AutoModelForCausalLM, with identical logits, and generates with its KV
+impossible, through AutoConfig / AutoModel / AutoModelForCausalLM and the three task-head Auto classes, with
+identical logits, and generates with its KV
 cache exactly what a cache-free greedy loop gives, without deprecation warnings — on both ends of the supported
 range: the newest transformers (what a fresh install resolves) and 5.17 (the oldest, the GPU machine's)."""
 
@@ -40,6 +41,18 @@ with torch.no_grad():
                 "generated": lm.generate(ids[:1], max_new_tokens=8, do_sample=False),
                 "generated_batch": lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                                do_sample=False, pad_token_id=0)}, ids_path + ".out")
+heads = {}  # the task heads (reward models, classifiers, QA) from the same folder, as remote code
+from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification)
+for auto in (AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoModelForQuestionAnswering):
+    head = auto.from_pretrained(folder, trust_remote_code=True, num_labels=3).eval()
+    assert type(head).__module__.startswith("transformers_modules"), type(head)
+    with torch.no_grad():
+        out = head(ids[:1])
+    layer = head.score if hasattr(head, "score") else head.qa_outputs
+    heads[type(head).__name__] = {"out": out.logits if hasattr(out, "logits") else torch.stack(
+        [out.start_logits, out.end_logits], -1), "weight": layer.weight, "bias": layer.bias}
+torch.save(heads, ids_path + ".heads")
 print("version", transformers.__version__)
 """
 
@@ -83,6 +96,9 @@ def test_saved_folder_is_self_contained(saved_model):
         "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
         "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
         "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_upcycled_moe.UpcycledMoeForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_upcycled_moe.UpcycledMoeForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_upcycled_moe.UpcycledMoeForQuestionAnswering",
     }
 
 
@@ -98,6 +114,14 @@ def _check_remote_load(saved_model, tmp_path, env_extra, version_prefix):
     assert torch.equal(got["hidden"], expected["hidden"])
     assert torch.equal(got["generated"], expected["generated"])  # with the KV cache == without any cache
     assert torch.equal(got["generated_batch"], expected["generated_batch"])
+    heads = torch.load(str(ids_path) + ".heads")
+    hidden = expected["hidden"][:1]  # each head reads the decoder's last hidden states
+    assert sorted(heads) == ["UpcycledMoeForQuestionAnswering", "UpcycledMoeForSequenceClassification",
+                             "UpcycledMoeForTokenClassification"]
+    seq = heads["UpcycledMoeForSequenceClassification"]
+    torch.testing.assert_close(seq["out"], hidden[:, -1] @ seq["weight"].T)  # no pad token: the last position
+    for name in ("UpcycledMoeForTokenClassification", "UpcycledMoeForQuestionAnswering"):
+        torch.testing.assert_close(heads[name]["out"], hidden @ heads[name]["weight"].T + heads[name]["bias"])
     return result.stdout.split("version ", 1)[1].split()[0]
 
 

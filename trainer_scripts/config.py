@@ -269,6 +269,7 @@ def opt(default, help: str = ""):
 
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_EXTENSIONS = {
     ".txt": "text", ".text": "text", ".md": "text",
     ".json": "json", ".jsonl": "json",
@@ -371,7 +372,10 @@ class PretrainConfig:
     resume: str | None = opt(None, "'latest' (or true) = newest checkpoint in output_dir, or a checkpoint folder")
     trust_deepspeed_checkpoint: bool = opt(False, "allow a DeepSpeed resume: DeepSpeed reads its engine state "
                                            "with torch.load(weights_only=False), a pickle; only for checkpoints you wrote")
-    save_steps: int = opt(500, "checkpoint every N steps (0 = only at the end)")
+    save_steps: int = opt(500, "checkpoint (model + optimizer state, to resume) every N steps and at the end; 0 = no "
+                               "checkpoints, only the final model folder")
+    save_dtype: str = opt("auto", "dtype of the final model folder: auto (the source's: a bfloat16 model stays "
+                                  "bfloat16; training itself runs on float32 master weights), float32, bfloat16, float16")
     save_total_limit: int = opt(3, "checkpoints kept (oldest deleted)")
     logging_steps: int = opt(10, "log every N steps")
     eval_steps: int = opt(200, "held-out perplexity every N steps (0 = only before and after)")
@@ -425,6 +429,8 @@ class PretrainConfig:
             problems.append("weight_decay, max_grad_norm and router_lr_scale must be >= 0")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.save_dtype not in SAVE_DTYPES:
+            problems.append(f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")

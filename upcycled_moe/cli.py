@@ -10,6 +10,7 @@ Add a subcommand with `register_command(name, help, add_arguments, run)`: `run(a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -214,13 +215,15 @@ register_command("experiment", "run the arms of a declarative upcycling experime
 
 
 def _finite(text: str) -> float:
-    """argparse type: a finite float (float() accepts 'nan' and 'inf', which pass every range check)."""
-    from .conversion.errors import UpcycleError, finite_number
-
+    """argparse type: a finite float (float() accepts 'nan' and 'inf', which pass every range check). Torch-free,
+    like all argument code here: upcycled_moe_cli parses with it before importing the package."""
     try:
-        return finite_number(float(text), "value")
-    except (ValueError, UpcycleError):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _at_least(minimum: int):

@@ -21,7 +21,12 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -496,6 +501,17 @@ def attended_pairs(seq_len: int, window: int | None = None) -> int:
     return seq_len * window - window * (window - 1) // 2
 
 
+# Which class of the code saved next to the weights answers each Auto class (written into every config.json).
+AUTO_MAP = {
+    "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
+    "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
+    "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_upcycled_moe.UpcycledMoeForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_upcycled_moe.UpcycledMoeForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_upcycled_moe.UpcycledMoeForQuestionAnswering",
+}
+
+
 class UpcycledMoePreTrainedModel(PreTrainedModel):
     config_class = UpcycledMoeConfig
     config: UpcycledMoeConfig
@@ -588,11 +604,7 @@ class UpcycledMoePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Every Auto class resolves to the code saved next to the weights, whichever class is saved."""
-        self.config.auto_map = {
-            "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
-            "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
-            "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
-        }
+        self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -637,16 +649,19 @@ class UpcycledMoeModel(UpcycledMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            MASK_CACHE_NAME: cache,
-            "position_ids": position_ids,
-        }
-        causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-        if "sliding_attention" in self.config.layer_types:
-            causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        if isinstance(attention_mask, dict):  # generate() with a static cache builds the masks, one per layer type
+            causal_masks, attention_mask = attention_mask, None
+        else:
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                MASK_CACHE_NAME: cache,
+                "position_ids": position_ids,
+            }
+            causal_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                causal_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -919,6 +934,8 @@ class UpcycledMoeForCausalLM(UpcycledMoePreTrainedModel, GenerationMixin):
         router_logits = outputs.router_logits if need_router else None
         if router_logits:
             stacked = _stack_router_logits(router_logits)  # one batched pass over all sparse layers
+            if isinstance(attention_mask, dict):  # prebuilt 4D masks (static-cache generation): no padding row mask
+                attention_mask = None
             grad = torch.is_grad_enabled()
             with torch.set_grad_enabled(grad and self.config.router_aux_loss_coef > 0):  # a 0-weighted term
                 aux_loss = load_balancing_loss(stacked, self.config, attention_mask)  # is reported, not trained
@@ -956,9 +973,47 @@ UpcycledMoeConfig.register_for_auto_class()
 UpcycledMoeModel.register_for_auto_class("AutoModel")
 UpcycledMoeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# ----------------------------------------------------------------------------------------------------------------
+# Task heads (reward models, classifiers, extractive QA): transformers' generic heads on this decoder
+# ----------------------------------------------------------------------------------------------------------------
+# The generic heads build their decoder with AutoModel.from_config, which a folder loaded as remote code cannot
+# answer without asking to trust the code a second time; each head here builds UpcycledMoeModel itself. Like stock
+# MoE heads they return no router loss.
+class UpcycledMoeForSequenceClassification(GenericForSequenceClassification, UpcycledMoePreTrainedModel):
+    def __init__(self, config: UpcycledMoeConfig):
+        UpcycledMoePreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = UpcycledMoeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class UpcycledMoeForTokenClassification(GenericForTokenClassification, UpcycledMoePreTrainedModel):
+    def __init__(self, config: UpcycledMoeConfig):
+        UpcycledMoePreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = UpcycledMoeModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=getattr(config, "token_classification_bias", True))
+        self.post_init()
+
+
+class UpcycledMoeForQuestionAnswering(GenericForQuestionAnswering, UpcycledMoePreTrainedModel):
+    def __init__(self, config: UpcycledMoeConfig):
+        UpcycledMoePreTrainedModel.__init__(self, config)
+        self.model = UpcycledMoeModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
 __all__ = [
+    "AUTO_MAP",
     "ChunkedLinearCrossEntropy",
     "UpcycledMoeForCausalLM",
+    "UpcycledMoeForQuestionAnswering",
+    "UpcycledMoeForSequenceClassification",
+    "UpcycledMoeForTokenClassification",
     "UpcycledMoeModel",
     "UpcycledMoePreTrainedModel",
     "chunked_causal_lm_loss",
