@@ -9,10 +9,17 @@ Routing equivalences: topk_softmax = softmax, top-k, renormalise = Mixtral's rou
 norm_topk_prob=True; softmax_topk = Qwen-MoE with norm_topk_prob=False (or as configured). Qwen2-MoE always has a
 shared expert behind a sigmoid gate: a zero gate weight gives sigmoid(0) = 1/2, folded into the shared down_proj as x2;
 without a shared expert, its width is 0 (it contributes exactly 0).
+
+What the serving engines' loaders need beyond transformers (docs/serving.md, tests/test_serving_fields.py): vLLM's
+Qwen2-MoE always has q/k/v biases (zeros are written when the model has none) and no module for a zero-width shared
+expert (no tensors are written for it); SGLang's three classes never tie lm_head to the embedding (lm_head is
+written, untied); engines on transformers 4 read rope_theta and Qwen3-MoE's num_experts from config.json, where
+transformers 5 writes neither (transformers4_fields adds them).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -134,7 +141,7 @@ def stock_config(config, target: str):
         rms_norm_eps=c.rms_norm_eps,
         rope_parameters=dict(c.rope_parameters or {}),
         attention_dropout=c.attention_dropout,
-        tie_word_embeddings=c.tie_word_embeddings,
+        tie_word_embeddings=False,  # lm_head is written: SGLang's MoE classes never tie it to the embedding
         pad_token_id=c.pad_token_id,
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
@@ -154,8 +161,8 @@ def stock_config(config, target: str):
                       num_experts=c.num_experts, norm_topk_prob=norm, decoder_sparse_step=1,
                       mlp_only_layers=dense_layers, use_sliding_window=sliding,
                       sliding_window=c.sliding_window if sliding else None, layer_types=list(c.layer_types))
-        if target == "qwen2_moe":
-            fields.update(qkv_bias=c.attention_bias,
+        if target == "qwen2_moe":  # q/k/v biases always (zeros without them): vLLM's Qwen2-MoE cannot omit them
+            fields.update(qkv_bias=True,
                           shared_expert_intermediate_size=c.num_shared_experts * c.shared_expert_intermediate_size)
         else:
             fields.update(attention_bias=c.attention_bias)
@@ -163,8 +170,22 @@ def stock_config(config, target: str):
     stock.architectures = [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                             "qwen3_moe": "Qwen3MoeForCausalLM"}[target]]
     if getattr(c, "upcycling", None):
-        stock.upcycling = dict(c.upcycling, exported_to=target)
+        from .model_card import public_record  # folders converted before provenance dropped local paths
+
+        stock.upcycling = public_record(dict(c.upcycling, exported_to=target))
     return stock
+
+
+def transformers4_fields(stock, target: str) -> dict:
+    """config.json keys that transformers 5 writes under another name or not at all, as readers on transformers 4
+    (vLLM and SGLang releases pinned to it, llama.cpp's converter reading the JSON) expect them. transformers 5 reads
+    both spellings to the same value."""
+    fields = {}
+    if "rope_theta" in (stock.rope_parameters or {}):  # transformers 4 has no rope_parameters: its class default
+        fields["rope_theta"] = stock.rope_parameters["rope_theta"]
+    if target == "qwen3_moe":  # transformers 5 maps num_experts to num_local_experts; transformers 4 reads num_experts
+        fields["num_experts"] = stock.num_experts
+    return fields
 
 
 def export_plans(moe: MoeCheckpoint, target: str) -> list[TensorPlan]:
@@ -219,18 +240,25 @@ def export_plans(moe: MoeCheckpoint, target: str) -> list[TensorPlan]:
             plans.append(TensorPlan(f"{prefix}.{leaf}", moe.shape(name), dtype, copy(name, scale)))
         else:
             raise RuntimeError(f"no export rule for {name}")
+    embed = "model.embed_tokens.weight"
+    dtype = moe.dtype(embed)
+    if c.tie_word_embeddings and "lm_head.weight" not in moe.files:
+        plans.append(TensorPlan("lm_head.weight", moe.shape(embed), dtype, copy(embed)))
     if target == "qwen2_moe":
-        dtype = moe.dtype("model.embed_tokens.weight")
-        h, shared = c.hidden_size, c.num_shared_experts * c.shared_expert_intermediate_size
-        for i in (i for i, t in enumerate(c.mlp_layer_types) if t == "sparse"):
-            prefix = f"model.layers.{i}.mlp"
-            plans.append(TensorPlan(f"{prefix}.shared_expert_gate.weight", (1, h), dtype,
-                                    lambda: iter([torch.zeros(1, h, dtype=dtype)])))
-            if shared == 0:
-                for leaf, shape in (("gate_proj", (0, h)), ("up_proj", (0, h)), ("down_proj", (h, 0))):
-                    plans.append(TensorPlan(f"{prefix}.shared_expert.{leaf}.weight", shape, dtype,
-                                            lambda shape=shape: iter([torch.zeros(shape, dtype=dtype)])))
+        h = c.hidden_size
+        for i in range(c.num_hidden_layers):
+            if not c.attention_bias:
+                for proj, heads in (("q", c.num_attention_heads), ("k", c.num_key_value_heads),
+                                    ("v", c.num_key_value_heads)):
+                    plans.append(zeros(f"model.layers.{i}.self_attn.{proj}_proj.bias", (heads * c.head_dim,), dtype))
+            if c.mlp_layer_types[i] == "sparse":  # the gate only: a zero-width shared expert gets no tensors,
+                # vLLM builds no module for it and raises KeyError on their names
+                plans.append(zeros(f"model.layers.{i}.mlp.shared_expert_gate.weight", (1, h), dtype))
     return plans
+
+
+def zeros(name, shape, dtype) -> TensorPlan:
+    return TensorPlan(name, shape, dtype, lambda: iter([torch.zeros(shape, dtype=dtype)]))
 
 
 def export(moe, output, to: str, *, overwrite: bool = False, max_shard_size="2GB", quiet: bool = True) -> Path:
@@ -250,9 +278,14 @@ def export(moe, output, to: str, *, overwrite: bool = False, max_shard_size="2GB
     with AtomicFolder(out, overwrite) as tmp:
         write_sharded(tmp, plans, parse_size(max_shard_size))
         stock.save_pretrained(tmp)
+        saved = {**read_json(tmp / "config.json", "config"), **transformers4_fields(stock, to)}
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (checkpoint.folder / name).is_file():
                 shutil.copy2(checkpoint.folder / name, tmp / name)
+        from .model_card import render_export_card, write_card
+
+        write_card(tmp, render_export_card(checkpoint.folder, stock, to))
     if not quiet:
         print(f"wrote {out} ({to}, {len(plans)} tensors)")
     return out
