@@ -3,6 +3,7 @@ small random dense models of every supported family built with transformers' own
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,26 @@ def corpus(tmp_path_factory) -> Path:
     from trainer_scripts.data import write_pydoc_corpus
 
     return Path(write_pydoc_corpus(str(tmp_path_factory.mktemp("data") / "pydoc_topics.jsonl")))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model cards (every output: convert, export, continued pretraining, fine-tuning)
+# ---------------------------------------------------------------------------------------------------------------
+LOCAL_PATH = re.compile(r"""(?:^|[\s"'`(=\[])(/[\w.-]+/[^\s"'`)]*)""", re.M)  # not a URL's //host/path
+
+
+def check_public_card(folder: Path, private_root: Path, **expected):
+    """The folder's README.md loads as a Hub model card whose metadata has `expected` (e.g. license="mit"); neither
+    the card nor config.json names a local path (the private root, or any absolute path)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    for key, value in expected.items():
+        assert getattr(card.data, key, None) == value, (key, card.data.to_dict())
+    for name in ("README.md", "config.json"):  # (PEFT's adapter_config.json names the base folder: it loads it)
+        if not (folder / name).is_file():
+            continue
+        text = (folder / name).read_text()
+        assert str(private_root) not in text, (name, str(private_root))
+        assert not LOCAL_PATH.findall(text), (name, LOCAL_PATH.findall(text))
+    return card

@@ -204,6 +204,83 @@ def test_model_card_template_is_shipped_in_the_package_and_matches_the_repositor
     assert TEMPLATE.read_text() == repo_copy.read_text()
 
 
+def test_gguf_source_card_says_it_was_quantised_and_carries_its_license():
+    """SmolLM2's embedded GGUF: license and quantisation read from its metadata (no weights loaded), said on the card."""
+    from conftest import smollm2_gguf_path
+    from upcycled_moe.conversion.model_card import card_metadata, source_note
+    from upcycled_moe.conversion.sources import gguf_facts
+
+    gguf = smollm2_gguf_path()
+    facts = gguf_facts(gguf)
+    assert facts == {"license": "apache-2.0", "language": ["en"], "quantization": "Q4_1"}
+    source = {"path": str(gguf), "format": "gguf", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", **facts}
+    note = source_note(source)
+    assert f"**Q4_1-quantised GGUF** `{gguf.name}`" in note and "dequantised to float32" in note
+    assert str(gguf.parent) not in note
+    data = card_metadata({"source": source, "options": {}})
+    assert (data.license, data.base_model, data.base_model_relation) == ("apache-2.0", source["base_model"], "finetune")
+
+
+# The cards' usage snippets, run as a user would paste them: the package blocked (remote code only), stdin closed
+CARD_SNIPPETS = r"""
+import importlib.abc, re, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "upcycled_moe" or name.startswith("upcycled_moe."):
+            raise ImportError("upcycled_moe is blocked in this process")
+sys.meta_path.insert(0, _Block())
+for folder in sys.argv[1:]:
+    card = open(folder + "/README.md", encoding="utf-8").read()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    exec(code.replace("path/or/hub-id/of/this/folder", folder).replace("max_new_tokens=30", "max_new_tokens=2"), {})
+print("SNIPPETS RAN")
+"""
+
+
+def test_convert_and_export_cards_carry_license_base_model_and_no_local_path(tmp_path, tiny_llama_with_tokenizer):
+    """Both cards load as Hub cards with the source's license (from its card), base_model and the Hub's relation;
+    no local path in README.md or config.json (source and options named by file name); the usage snippets run
+    without the package and without the interactive "run the custom code?" prompt (stdin closed)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import check_public_card
+
+    private = tmp_path / "home-of-a-user"
+    src = private / "llama-src"
+    shutil.copytree(tiny_llama_with_tokenizer, src)
+    (src / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n# a dense model\n")
+    (private / "held-out.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    base = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert main(["convert", str(src), str(tmp_path / "moe"), "--router", "topk_softmax", "--num-experts", "4",
+                 "--dtype", "float32", "--verify", "--verify-text", str(private / "held-out.txt"),
+                 "--base-model", base, "--quiet"]) == 0
+    expected = dict(license="mit", language="en", base_model=base, base_model_relation="finetune",
+                    library_name="transformers", pipeline_tag="text-generation")
+    card = check_public_card(tmp_path / "moe", private, **expected)
+    assert {"moe", "upcycling", "custom_code", "llama"} <= set(card.data.tags)
+    assert "trust_remote_code=True)" in card.text and "upcycle-moe convert llama-src OUTPUT" in card.text
+    provenance = json.loads((tmp_path / "moe" / "config.json").read_text())["upcycling"]
+    assert provenance["source"]["path"] == "llama-src" and provenance["options"]["verify_text"] == "held-out.txt"
+    assert provenance["source"]["license"] == "mit"
+
+    assert main(["export", str(tmp_path / "moe"), str(tmp_path / "mixtral"), "--to", "mixtral"]) == 0
+    card = check_public_card(tmp_path / "mixtral", private, **expected)
+    assert "mixtral" in card.data.tags and "custom_code" not in card.data.tags
+    assert "trust_remote_code" not in card.text and "MixtralForCausalLM" in card.text
+    assert json.loads((tmp_path / "mixtral" / "config.json").read_text())["upcycling"]["exported_to"] == "mixtral"
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "-c", CARD_SNIPPETS, str(tmp_path / "moe"), str(tmp_path / "mixtral")],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SNIPPETS RAN" in proc.stdout
+    assert "run the custom code" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+
+
 @pytest.mark.parametrize("router", ["sigmoid_topk", "softmax_topk"])
 def test_calibrated_scale_makes_the_mean_gain_one_on_real_text(tiny_llama_with_tokenizer, router):
     """Calibration (per layer, on real text through the dense model) vs the formula's s; re-measured independently

@@ -128,6 +128,9 @@ def test_smollm2_topk_softmax_fine_grained_from_gguf_is_exact(dense, tokenizer):
     gguf = smollm2_gguf_path()
     moe = UpcycledMoeForCausalLM.from_dense(gguf, num_experts=16, top_k=4, granularity=4, router="topk_softmax")
     assert moe.config.moe_intermediate_size == 1536 // 4 and moe.config.upcycling["source"]["format"] == "gguf"
+    # what the card needs from the GGUF's metadata, and the file named by its name only (config.json is published)
+    source = moe.config.upcycling["source"]
+    assert (source["license"], source["quantization"], source["path"]) == ("apache-2.0", "Q4_1", gguf.name)
     r = verify(dense, moe, tokenizer=tokenizer, max_tokens=256, generate_tokens=30)
     print(f"\nSmolLM2 topk_softmax E4G4T4 (from GGUF): {r}")
     assert r["max_abs_logit_diff"] <= 1e-3 and r["greedy_match"]

@@ -16,7 +16,10 @@ from trainer_scripts.metrics import training_flops
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
-    return make_tiny_moe_dir(tmp_path_factory.mktemp("ft") / "model", smollm2_tokenizer_dir)
+    """With a card declaring a license, as a converted folder has: the fine-tune cards carry it."""
+    folder = make_tiny_moe_dir(tmp_path_factory.mktemp("ft") / "model", smollm2_tokenizer_dir)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny MoE\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +50,19 @@ def args(model, train, out, **extra):
 def test_lora_chat_attention_and_experts_router_frozen(tmp_path, tiny_dir, data):
     out = tmp_path / "lora"
     ft, ta = parse_args(args(tiny_dir, data["chat"], out, use_lora="true", gradient_checkpointing="true",
-                             merge_lora="true", max_seq_length=64))
+                             merge_lora="true", max_seq_length=64, base_model_id="example-org/tiny-upcycled-moe"))
     metrics = run(ft, ta)
     assert math.isfinite(metrics["train_loss"]) and metrics["train_loss"] < 20
+    # our cards, not PEFT's empty template: the adapter's (peft, applies to the MoE) and the merged model's
+    from conftest import check_public_card
+
+    common = dict(license="apache-2.0", base_model="example-org/tiny-upcycled-moe", pipeline_tag="text-generation")
+    card = check_public_card(out, tiny_dir.parent, library_name="peft", base_model_relation="adapter", **common)
+    assert "Model Card for Model ID" not in card.text and "LoRA adapter (r=16" in card.text
+    assert f"| final train loss | {metrics['train_loss']:.4f} |" in card.text and "`chat.jsonl`" in card.text
+    card = check_public_card(out / "merged", tiny_dir.parent, library_name="transformers",
+                             base_model_relation="finetune", **common)
+    assert "full fine-tune (the LoRA adapter merged)" in card.text
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert set(adapter_cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(adapter_cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
@@ -81,6 +94,10 @@ def test_full_finetune_router_loss_weighting_under_accumulation_and_active_flops
     run(*parse_args(args(tiny_dir, data["text"], tmp_path / "c", per_device_train_batch_size=4,
                          router_z_loss_coef=0.0, **common)))
     a, b, c = (load_file(tmp_path / x / "model.safetensors") for x in "abc")
+    from conftest import check_public_card  # a full fine-tune gets a card too (Trainer writes none)
+
+    card = check_public_card(tmp_path / "a", tiny_dir.parent, license="apache-2.0", library_name="transformers")
+    assert "A full fine-tune of the UpcycledMoe model `model`" in card.text and "`text.jsonl`" in card.text
     before = load_file(tiny_dir / "model.safetensors")
     accumulation_gap = max((a[k] - b[k]).abs().max().item() for k in a)
     z_effect = max((a[k] - c[k]).abs().max().item() for k in a)

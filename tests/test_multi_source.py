@@ -402,8 +402,10 @@ def test_model_card_names_every_source(tmp_path, family_sources):
     cfg = write_yaml(tmp_path / "moe.yaml", {"base_model": str(base), "experts": [str(a), {"source_model": str(b),
                                                                                           "copies": 3}]})
     assert cli("convert", "--config", cfg, tmp_path / "moe", "--quiet") == 0
-    card = (tmp_path / "moe" / "README.md").read_text()
-    assert f"`{a}` x 1" in card and f"`{b}` x 3" in card and f"convert --config {cfg} OUTPUT" in card
+    card = (tmp_path / "moe" / "README.md").read_text()  # by folder and file name: no local path on the Hub
+    assert f"`{a.name}` x 1" in card and f"`{b.name}` x 3" in card and f"convert --config {cfg.name} OUTPUT" in card
+    for text in (card, (tmp_path / "moe" / "config.json").read_text()):
+        assert str(a.parent) not in text and str(tmp_path) not in text
 
 
 def test_plain_copies_skip_the_float32_round_trip(tmp_path, family_sources, monkeypatch):

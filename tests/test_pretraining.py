@@ -227,6 +227,10 @@ def test_run_outputs_model_card_plots_and_metrics(reference_run):
     card = (out / "README.md").read_text()
     assert "## Continued pretraining" in card and f"{summary['ppl_after']:.3f}" in card and "1,536" in card
     assert "![loss curves](loss_curves.png)" in card
+    from conftest import check_public_card  # a Hub card; the data named by file name, no local path anywhere
+
+    card = check_public_card(out, out.parent, library_name="transformers", pipeline_tag="text-generation")
+    assert "`pydoc_topics.jsonl`" in card.text and "continued-pretraining" in card.data.tags
     # the final folder is a save_pretrained folder with the remote code: loads in a fresh process without our package
     code = (
         "import sys; sys.path = [p for p in sys.path if 'upcycled' not in p and p not in ('', '.')]\n"
@@ -399,6 +403,38 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
     return out
 
 
+def test_model_card_after_training_tells_the_training_not_the_untrained_state(tmp_path, tiny_llama_dir, corpus):
+    """The card of a run from a converted folder: the conversion card's metadata (license, base_model, relation)
+    and method kept, "It has not been trained after upcycling" replaced by the steps, tokens and perplexities, the
+    conversion-time verification labelled as before training, the dataset and router losses named; no local path."""
+    from conftest import check_public_card
+    from trainer_scripts.continued_pretraining import write_model_card
+    from upcycled_moe.conversion import upcycle
+
+    src = tmp_path / "private" / "llama"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# dense\n")
+    moe = upcycle(src, tmp_path / "private" / "moe", num_experts=4, top_k=2, base_model="example-org/tiny-llama")
+    assert "It has not been trained after upcycling" in (moe / "README.md").read_text()
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy2(moe / "config.json", out / "config.json")  # as the run saves it: the provenance kept
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 12, "loss": 3.1, "lm_loss": 3.0, "aux_loss": 1.234,
+                                                   "z_loss": 5.678}) + "\n")
+    cfg = build_config(PretrainConfig, base_args(moe, corpus, out))
+    summary = {"steps": 12, "tokens": 1536, "global_batch": 2, "ppl_before": 812.5, "ppl_after": 97.25,
+               "aux_coef": 1e-2, "z_coef": 1e-3}
+    write_model_card(str(out), str(moe), cfg, summary, ["loss_curves.png"])
+    card = check_public_card(out, tmp_path / "private", license="apache-2.0", base_model="example-org/tiny-llama",
+                             base_model_relation="finetune", library_name="transformers")
+    text = card.text
+    assert "It has not been trained after upcycling" not in text and "at step 0" not in text
+    assert "continued pretraining for 12 steps on 1,536 tokens of `pydoc_topics.jsonl`" in text
+    assert "held-out perplexity 812.500 -> 97.250" in text and "1.234 / 5.678" in text
+    assert "## Verification against the dense model (at conversion, before training)" in text
+    assert "## Method" in text and "![loss curves](loss_curves.png)" in text
+
+
 @pytest.mark.skipif(not _has_online_upcycling(), reason="online upcycling needs upcycled_moe.conversion.upcycle_in_memory")
 def test_online_upcycling_from_a_dense_source(tmp_path, tiny_llama_dir, corpus):
     out = tmp_path / "online"
@@ -408,6 +444,10 @@ def test_online_upcycling_from_a_dense_source(tmp_path, tiny_llama_dir, corpus):
     assert summary["steps"] == 2 and math.isfinite(summary["ppl_after"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "upcycled_moe" and cfg["num_experts"] == 4
+    from conftest import check_public_card  # the dense source named by its folder name, in the card and config
+
+    assert cfg["upcycling"]["source"]["path"] == tiny_llama_dir.name
+    check_public_card(out, tiny_llama_dir.parent, library_name="transformers")
 
 
 def test_dense_source_without_upcycling_options_is_refused(tmp_path, capsys, tiny_llama_dir, corpus):

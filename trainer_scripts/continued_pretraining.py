@@ -296,7 +296,13 @@ def lm_loss_of(out, config) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------ model card
 def write_model_card(out_dir: str, source_dir: str | None, cfg: PretrainConfig, summary: dict, plots: list[str]) -> None:
+    """The trained folder's card: the conversion card's method, options and provenance, with its "not trained"
+    status replaced by the training record (the conversion-time verification kept, labelled as before training),
+    metadata carried over plus the datasets; no local paths (files named by file name)."""
     import re
+
+    from upcycled_moe.conversion.model_card import (CARD_BEGIN, CARD_END, card_body, card_data_of, card_metadata,
+                                                    front_matter, write_card)
 
     card_path = os.path.join(out_dir, "README.md")
     source_card = os.path.join(source_dir, "README.md") if source_dir and os.path.isdir(source_dir) else None
@@ -305,28 +311,119 @@ def write_model_card(out_dir: str, source_dir: str | None, cfg: PretrainConfig, 
     elif os.path.isfile(card_path):
         text = open(card_path, encoding="utf-8").read()
     else:
-        text = ("---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: apache-2.0\n"
-                "tags:\n- moe\n- upcycled-moe\n- continued-pretraining\n---\n\n# Upcycled MoE model\n")
+        text = ""
+    upcycling = saved_upcycling(out_dir)
+    data = card_data_of(text) if text else None
+    if data is None:
+        data = card_metadata(upcycling)
+    data.tags = list(dict.fromkeys([*(data.tags or []), "continued-pretraining"]))
+    datasets = trained_datasets(cfg)
+    if datasets:
+        data.datasets = list(dict.fromkeys([*(data.datasets or []), *datasets]))
+    body = card_body(text) if text else fresh_card_body(cfg)
+    body = mark_trained(body, CARD_BEGIN, CARD_END, summary, cfg)
     begin, end = "<!-- continued-pretraining:begin -->", "<!-- continued-pretraining:end -->"
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", "", text, flags=re.S).rstrip() + "\n\n"
-    data = ", ".join(cfg.train_files) if cfg.train_files else cfg.dataset_name
-    lines = [begin, "## Continued pretraining", "",
-             "Trained after upcycling with `trainer_scripts/continued_pretraining.py` (upcycled-moe).", "",
-             "| | |", "|---|---|",
-             f"| data | {data} (text column `{cfg.text_column}`, blocks of {cfg.block_size} tokens) |",
-             f"| steps | {summary['steps']} |",
-             f"| tokens | {summary['tokens']:,} |",
-             f"| global batch | {summary['global_batch']} sequences |",
-             f"| learning rate | {cfg.learning_rate:g} peak, {cfg.warmup_steps} warmup steps, cosine to {cfg.learning_rate * cfg.min_lr_ratio:g} |",
-             f"| load-balancing / z-loss coefficients | {summary['aux_coef']:g} / {summary['z_coef']:g} |",
-             f"| held-out perplexity before | {summary['ppl_before']:.3f} |" if summary.get("ppl_before") is not None else "",
-             f"| held-out perplexity after | {summary['ppl_after']:.3f} |", ""]
+    body = re.sub(re.escape(begin) + ".*?" + re.escape(end) + "\n?", "", body, flags=re.S).rstrip() + "\n\n"
+    lines = [begin, *training_section(cfg, summary, last_router_losses(out_dir)), ""]
     for p in plots:
         lines += [f"![{p[:-4].replace('_', ' ')}]({p})", ""]
     lines.append(end)
-    with open(card_path + ".part", "w", encoding="utf-8") as f:
-        f.write(text + "\n".join(x for x in lines if x is not None) + "\n")
-    os.replace(card_path + ".part", card_path)
+    write_card(out_dir, front_matter(data) + body + "\n".join(lines) + "\n")
+
+
+def fresh_card_body(cfg: PretrainConfig) -> str:
+    """The card's start when the source folder has none (a Hub id, a GGUF, online upcycling)."""
+    from upcycled_moe.conversion.model_card import local_name, public_record
+
+    name = local_name(cfg.model_name_or_path)
+    lines = ["", f"# {name.split('/')[-1]} (continued pretraining)", ""]
+    if cfg.upcycling:
+        lines += [f"Upcycled online from `{name}` with the options `{json.dumps(public_record(cfg.upcycling))}` "
+                  "(the full record is the `upcycling` field of `config.json`).", ""]
+    return "\n".join(lines)
+
+
+def saved_upcycling(out_dir: str) -> dict | None:
+    """The provenance the saved config.json carries (conversion or online upcycling), None without one."""
+    try:
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("upcycling")
+    except (OSError, ValueError):
+        return None
+
+
+def trained_datasets(cfg: PretrainConfig) -> list[str]:
+    """Hub dataset ids for the card's metadata (local files are named in the body, not here)."""
+    from upcycled_moe.conversion.model_card import hub_ids
+
+    return hub_ids(cfg.dataset_name) if cfg.dataset_name else []
+
+
+def data_names(cfg: PretrainConfig) -> str:
+    """The training data by Hub id or file name: a card is public, a local path is not."""
+    from upcycled_moe.conversion.model_card import local_name
+
+    if cfg.train_files:
+        return ", ".join(f"`{local_name(f)}`" for f in cfg.train_files)
+    config = f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else ""
+    return f"`{local_name(cfg.dataset_name)}`{config}"
+
+
+def last_router_losses(out_dir: str) -> dict:
+    """The last logged load-balancing and z-loss values (metrics.jsonl), for the card."""
+    found = {}
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                found.update({k: record[k] for k in ("aux_loss", "z_loss", "lm_loss")
+                              if isinstance(record.get(k), (int, float))})
+    except OSError:
+        pass
+    return found
+
+
+def mark_trained(body: str, begin: str, end: str, summary: dict, cfg: PretrainConfig) -> str:
+    """The conversion card's status ("not trained after upcycling") replaced by what training did; the
+    conversion-time verification relabelled: it measured the model before these steps."""
+    import re
+
+    before = f"{summary['ppl_before']:.3f} -> " if summary.get("ppl_before") is not None else ""
+    status = (f"{begin}\nTrained after upcycling: continued pretraining for {summary['steps']:,} steps on "
+              f"{summary['tokens']:,} tokens of {data_names(cfg)} (held-out perplexity {before}"
+              f"{summary['ppl_after']:.3f}); see [Continued pretraining](#continued-pretraining).\n{end}")
+    if begin in body and end in body:
+        body = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: status, body, count=1, flags=re.S)
+    else:  # a card written before the status markers
+        body = re.sub(r"It has not been trained after upcycling:.*?(?:fine-tuning|finetuning)\.", lambda m: status,
+                      body, count=1, flags=re.S)
+    body = body.replace("AutoTokenizer.from_pretrained(repo)\n",  # cards before the snippet's fix: no prompt
+                        "AutoTokenizer.from_pretrained(repo, trust_remote_code=True)\n")
+    return body.replace("## Verification against the dense model\n",
+                        "## Verification against the dense model (at conversion, before training)\n")
+
+
+def training_section(cfg: PretrainConfig, summary: dict, router: dict) -> list[str]:
+    rows = ["## Continued pretraining", "",
+            "Trained after upcycling with `trainer_scripts/continued_pretraining.py` (upcycled-moe).", "",
+            "| | |", "|---|---|",
+            f"| data | {data_names(cfg)} (text column `{cfg.text_column}`, blocks of {cfg.block_size} tokens) |",
+            f"| steps | {summary['steps']:,} |",
+            f"| tokens | {summary['tokens']:,} |",
+            f"| global batch | {summary['global_batch']} sequences |",
+            f"| learning rate | {cfg.learning_rate:g} peak, {cfg.warmup_steps} warmup steps, cosine to "
+            f"{cfg.learning_rate * cfg.min_lr_ratio:g} |",
+            f"| load-balancing / z-loss coefficients | {summary['aux_coef']:g} / {summary['z_coef']:g} |"]
+    if "aux_loss" in router:
+        rows.append(f"| last logged load-balancing loss / z-loss | {router['aux_loss']:.4g} / "
+                    f"{router.get('z_loss', float('nan')):.4g} |")
+    if summary.get("ppl_before") is not None:
+        rows.append(f"| held-out perplexity before | {summary['ppl_before']:.3f} |")
+    rows.append(f"| held-out perplexity after | {summary['ppl_after']:.3f} |")
+    return rows
 
 
 def flat_hparams(cfg: PretrainConfig) -> dict:

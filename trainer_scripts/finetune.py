@@ -68,6 +68,7 @@ class FinetuneArguments:
     experts_implementation: str | None = field(default=None, metadata={"help": "eager, grouped_mm, ... (None: default)"})
     loss_chunk_size: int = field(default=4096, metadata={"help": "training loss from the LM head in chunks of this many tokens, no full logits (0 = full logits)"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow a non-empty output_dir"})
+    base_model_id: str | None = field(default=None, metadata={"help": "Hub id of model_name_or_path, for the model card's base_model (an adapter's card names the model it applies to)"})
 
 
 def parse_args(argv: list[str] | None = None):
@@ -312,7 +313,84 @@ def run(ft: FinetuneArguments, ta) -> dict:
             merged.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     metrics["total_flos"] = trainer.state.total_flos
+    if trainer.is_world_process_zero():
+        write_finetune_cards(ta.output_dir, ft, metrics, trainer.state.global_step)
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def write_finetune_cards(out_dir: str, ft: FinetuneArguments, metrics: dict, steps: int) -> None:
+    """Our card in place of PEFT's empty template (and on a full fine-tune, which gets none): what was trained, on
+    what, from which model, the final losses; metadata valid for the Hub (an adapter: library peft, relation
+    adapter). The merged folder of a LoRA run gets the full-model card."""
+    write_card = finetune_card_writer(ft, metrics, steps)
+    write_card(out_dir, adapter=ft.use_lora)
+    if ft.use_lora and ft.merge_lora:
+        write_card(os.path.join(out_dir, "merged"), adapter=False)
+
+
+def model_hub_id(ft: FinetuneArguments) -> str | None:
+    """The Hub id of the model fine-tuned: the option, else the one a Hub cache snapshot's path spells."""
+    import re
+
+    from upcycled_moe.conversion.model_card import hub_ids
+
+    if ft.base_model_id:
+        return ft.base_model_id
+    match = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", os.path.abspath(ft.model_name_or_path))
+    return (hub_ids(f"{match.group(1)}/{match.group(2)}") or [None])[0] if match else None
+
+
+def finetune_card_writer(ft: FinetuneArguments, metrics: dict, steps: int):
+    import json
+
+    from upcycled_moe.conversion.model_card import (card_data_of, card_metadata, front_matter, local_name,
+                                                    usage_snippet, write_card)
+
+    source_card = os.path.join(ft.model_name_or_path, "README.md")
+    source = card_data_of(open(source_card, encoding="utf-8").read()) if os.path.isfile(source_card) else None
+    try:
+        with open(os.path.join(ft.model_name_or_path, "config.json"), encoding="utf-8") as f:
+            upcycling = json.load(f).get("upcycling")
+    except (OSError, ValueError):
+        upcycling = None
+    moe_id, moe_name = model_hub_id(ft), local_name(ft.model_name_or_path)
+    data_files = ", ".join(f"`{local_name(f)}`" for f in (ft.train_file, ft.validation_file) if f)
+    losses = {k: metrics[k] for k in ("train_loss", "eval_loss") if isinstance(metrics.get(k), (int, float))}
+
+    def write(folder: str, adapter: bool) -> None:
+        # an adapter applies to the MoE itself; a full model derives from it (or, unnamed, from the dense source)
+        data = card_metadata(upcycling, library_name="peft" if adapter else "transformers",
+                             base_model=moe_id,
+                             relation="adapter" if adapter else "finetune",
+                             tags=["lora" if adapter else "", "fine-tuned"])
+        if adapter and not moe_id:
+            data.base_model = data.base_model_relation = None  # the dense source is not what the adapter applies to
+        if source is not None and source.license and not data.license:
+            data.license = source.license
+        kind = (f"LoRA adapter (r={ft.lora_r}, alpha={ft.lora_alpha}, attention{' and routed experts' if ft.lora_target_experts else ''})"
+                if adapter else "full fine-tune" + (" (the LoRA adapter merged)" if ft.use_lora else ""))
+        base = f"`{moe_id}`" if moe_id else f"the UpcycledMoe model `{moe_name}`"
+        lines = [front_matter(data).rstrip("\n"), "", f"# {moe_name} fine-tuned", "",
+                 f"A {kind} of {base} trained with `trainer_scripts/finetune.py` (upcycled-moe).", "",
+                 "## Training", "", "| | |", "|---|---|", f"| data | {data_files} |", f"| steps | {steps:,} |",
+                 f"| router | {'trained' if ft.train_router else 'frozen'} |",
+                 f"| max sequence length | {ft.max_seq_length} |"]
+        lines += [f"| final {k.replace('_', ' ')} | {v:.4f} |" for k, v in losses.items()]
+        if adapter and not moe_id:
+            lines += ["", f"Set `base_model:` above to the Hub id of `{moe_name}` before publishing (or pass "
+                      "base_model_id=...): the Hub links an adapter to the model it applies to."]
+        lines += ["", "## Usage", ""]
+        if adapter:
+            lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+                      "", 'repo = "path/or/hub-id/of/this/folder"',
+                      "tokenizer = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)",
+                      "model = AutoPeftModelForCausalLM.from_pretrained(repo, trust_remote_code=True)", "```"]
+        else:
+            lines.append(usage_snippet("path/or/hub-id/of/this/folder", remote_code=True))
+        write_card(folder, "\n".join(lines) + "\n")
+
+    return write
 
 
 def main(argv: list[str] | None = None) -> None:

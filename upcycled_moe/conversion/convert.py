@@ -392,7 +392,10 @@ def measure_selected_mass(plan: ConversionPlan, tokenizer=None) -> dict[int, flo
 
 
 def provenance(plan: ConversionPlan) -> dict:
-    """The config's `upcycling` field: source, every option, the scales used and the tool version."""
+    """The config's `upcycling` field: source, every option, the scales used and the tool version. Local paths are
+    reduced to file or folder names (model_card.public_record): config.json is published with the weights."""
+    from .model_card import public_record
+
     o = plan.options
     record = {
         "tool": "upcycled-moe",
@@ -412,7 +415,7 @@ def provenance(plan: ConversionPlan) -> dict:
             if o.scaling != "none"
             else "dense FFN copy (no scaling)"
         )
-    return record
+    return public_record(record)
 
 
 # ---------------------------------------------------------------------------------------------------- offline tool

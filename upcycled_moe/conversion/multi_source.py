@@ -28,6 +28,7 @@ import torch
 
 from .errors import UpcycleError, step
 from .families import dense_config_fields
+from .model_card import public_record
 from .options import UpcycleOptions, read_yaml_mapping
 
 GATE_MODES = ("upcycle", "hidden", "cheap_embed", "random")
@@ -480,7 +481,7 @@ def upcycle_multi(config, output, *, quiet: bool = True, to: str | None = None, 
     with step("planning the conversion"):
         plan = plan_conversion(base, opts, to=to, before_weights=fill)
         plan.config.upcycling = provenance(plan)
-        plan.config.upcycling["multi_source"] = describe(spec, sources)
+        plan.config.upcycling["multi_source"] = public_record(describe(spec, sources))  # no local paths
     _say = (lambda m: None) if quiet else (lambda m: print(m, flush=True))
     _say(f"building {spec.num_experts} experts from {len(set(e.source_model for e in spec.experts))} source(s), "
          f"gate_mode {spec.gate_mode}, router {opts.router}, top-{opts.top_k}, base weights {spec.base_weights}")
@@ -493,7 +494,8 @@ def describe(spec: MultiSourceSpec, sources: dict) -> dict:
     """Provenance: which model each expert came from (with its fingerprint), the gate mode and the base weights."""
     def source(text):
         d = sources[text].description
-        return {"source_model": text, "fingerprint": d.get("fingerprint"), "architecture": d.get("architecture")}
+        return {"source_model": text, "fingerprint": d.get("fingerprint"), "architecture": d.get("architecture"),
+                "base_model": d.get("base_model") or d.get("hub_id"), "license": d.get("license")}
 
     experts = []
     for e in spec.experts:

@@ -446,6 +446,7 @@ def folder_source(folder: Path, kind: str, files: list[Path], description: dict)
     cls = SafetensorsSource if kind == "safetensors" else BinSource
     source = cls(folder, config, files, dict(description, format=kind, architecture=config.model_type))
     source.description["fingerprint"] = "sha256:" + source.fingerprint()
+    source.description.update(card_facts(folder / "README.md", raw))
     check_tensors(source)
     return source
 
@@ -471,7 +472,7 @@ def hub_source(repo_id: str, *, revision: str | None, allow_bin: bool) -> DenseS
         from huggingface_hub import snapshot_download
     except ImportError:
         raise UpcycleError("reading a Hub id needs huggingface_hub: pip install huggingface_hub") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]  # card: license
     if allow_bin:
         patterns.append("*.bin")
     try:
@@ -501,6 +502,43 @@ def gguf_architecture(path: Path) -> str:
         raise UpcycleError(f"{path} is not a readable GGUF file: {reason(exc)}") from None
 
 
+def card_facts(readme: Path, raw_config: dict) -> dict:
+    """License and language of a source folder, for the MoE's card: its model card's metadata, else its config."""
+    facts = {}
+    if readme.is_file():
+        try:
+            from huggingface_hub.repocard import metadata_load
+
+            facts = {k: v for k, v in (metadata_load(readme) or {}).items() if k in ("license", "language") and v}
+        except Exception:  # noqa: BLE001 - a hand-written card with broken YAML says nothing reliable
+            facts = {}
+    if "license" not in facts and isinstance(raw_config.get("license"), str):
+        facts["license"] = raw_config["license"]
+    return facts
+
+
+def gguf_facts(path: Path) -> dict:
+    """License, language and quantisation of a GGUF file, from its metadata (general.license, general.languages,
+    general.file_type), for the MoE's card: a dequantised Q4_1 source must be said to be one."""
+    try:  # transformers' header reader: the keys only, in milliseconds (gguf's GGUFReader maps every tensor first)
+        from gguf import LlamaFileType
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+
+        fields, _ = read_gguf_metadata(str(path), string_arrays=("general.languages",))
+        facts = {}
+        if isinstance(fields.get("general.license"), str):
+            facts["license"] = fields["general.license"]
+        if isinstance(fields.get("general.languages"), (list, tuple)):
+            facts["language"] = [str(x) for x in fields["general.languages"]]
+        if "general.file_type" in fields:
+            kind = LlamaFileType(int(fields["general.file_type"])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+            if kind not in ("F32", "F16", "BF16"):
+                facts["quantization"] = kind
+        return facts
+    except Exception:  # noqa: BLE001 - metadata the card can do without (the weights are read elsewhere)
+        return {}
+
+
 def gguf_source(folder: Path, name: str) -> DenseSource:
     """Dequantise a GGUF through transformers, then rebuild a plain (unflagged) dense model from its state dict."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -527,6 +565,7 @@ def gguf_source(folder: Path, name: str) -> DenseSource:
         "format": "gguf",
         "architecture": model.config.model_type,
         "fingerprint": "sha256-first16MiB+size:" + h.hexdigest(),
+        **gguf_facts(path),
     }
     source = StateDictSource(model, model.config, description, tokenizer=tokenizer)
     check_tensors(source)
