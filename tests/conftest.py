@@ -172,6 +172,17 @@ def tiny_dense_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+# Prepended to a child interpreter's script: `import upcycled_moe` fails there, so only remote code can load a folder.
+BLOCK_PACKAGE = r"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "upcycled_moe" or name.startswith("upcycled_moe."):
+            raise ImportError("upcycled_moe is blocked in this process")
+sys.meta_path.insert(0, _Block())
+"""
+
+
 def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)

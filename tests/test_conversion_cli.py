@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import BLOCK_PACKAGE
 from upcycled_moe.cli import COMMANDS, main, register_command
 
 
@@ -222,13 +223,8 @@ def test_gguf_source_card_says_it_was_quantised_and_carries_its_license():
 
 
 # The cards' usage snippets, run as a user would paste them: the package blocked (remote code only), stdin closed
-CARD_SNIPPETS = r"""
-import importlib.abc, re, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycled_moe" or name.startswith("upcycled_moe."):
-            raise ImportError("upcycled_moe is blocked in this process")
-sys.meta_path.insert(0, _Block())
+CARD_SNIPPETS = BLOCK_PACKAGE + r"""
+import re
 for folder in sys.argv[1:]:
     card = open(folder + "/README.md", encoding="utf-8").read()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import smollm2_gguf_path
+from conftest import BLOCK_PACKAGE, smollm2_gguf_path
 from upcycled_moe import UpcycledMoeForCausalLM
 from upcycled_moe.conversion import upcycle_in_memory
 from upcycled_moe.conversion.sample_text import heldout_text
@@ -85,13 +85,7 @@ def test_output_folder_is_hub_ready(bf16_run):
     assert not [n for n in os.listdir(out.parent) if n.startswith(".")]  # no temporary folder left behind
 
 
-BLOCKED = r"""
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycled_moe" or name.startswith("upcycled_moe."):
-            raise ImportError("blocked")
-sys.meta_path.insert(0, _Block())
+BLOCKED = BLOCK_PACKAGE + r"""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)

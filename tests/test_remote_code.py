@@ -11,16 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import CACHE, run_python
+from conftest import BLOCK_PACKAGE, CACHE, run_python
 from upcycled_moe import UpcycledMoeConfig, UpcycledMoeForCausalLM
 
-LOAD_BLOCKED = r"""
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "upcycled_moe" or name.startswith("upcycled_moe."):
-            raise ImportError("upcycled_moe is blocked in this process")
-sys.meta_path.insert(0, _Block())
+LOAD_BLOCKED = BLOCK_PACKAGE + r"""
 try:
     import upcycled_moe
     raise SystemExit("the package was importable")
