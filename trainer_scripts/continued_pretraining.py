@@ -391,18 +391,10 @@ def data_names(cfg: PretrainConfig) -> str:
 
 def last_router_losses(out_dir: str) -> dict:
     """The last logged load-balancing and z-loss values (metrics.jsonl), for the card."""
+    path = os.path.join(out_dir, "metrics.jsonl")
     found = {}
-    try:
-        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                found.update({k: record[k] for k in ("aux_loss", "z_loss", "lm_loss")
-                              if isinstance(record.get(k), (int, float))})
-    except OSError:
-        pass
+    for record in read_jsonl(path) if os.path.exists(path) else []:
+        found.update({k: record[k] for k in ("aux_loss", "z_loss", "lm_loss") if isinstance(record.get(k), (int, float))})
     return found
 
 
