@@ -22,7 +22,7 @@ case "${1:-}" in
   test)
     setup
     shift
-    exec "$PY" -m pytest tests -q -p no:cacheprovider "$@"
+    exec "$PY" -m pytest tests -q -p no:cacheprovider --durations=30 "$@"
     ;;
   demo)
     setup
