@@ -169,8 +169,12 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("moe", help="upcycled MoE folder")
-    p.add_argument("output", help="output folder")
-    p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe"], help="stock architecture")
+    p.add_argument("output", help="output folder (a .gguf file with --to gguf)")
+    p.add_argument("--to", required=True, choices=["mixtral", "qwen2_moe", "qwen3_moe", "gguf"],
+                   help="stock architecture, or gguf: one GGUF file for llama.cpp / Ollama (via llama.cpp's converter)")
+    p.add_argument("--llama-cpp", metavar="DIR", help="--to gguf: a llama.cpp source tree or unpacked llama-cpp-python "
+                   "sdist holding convert_hf_to_gguf.py (default: $UPCYCLED_MOE_LLAMA_CPP)")
+    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="--to gguf: tensor type")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     p.add_argument("--max-shard-size", default="2GB")
 
@@ -182,6 +186,12 @@ def run_export(args: argparse.Namespace) -> int:
 
     max_shard_size = parse_size(args.max_shard_size)  # before anything is read or written
     with step(f"exporting to {args.output}"):
+        if args.to == "gguf":
+            from .conversion.gguf_export import export_gguf
+
+            export_gguf(args.moe, args.output, llama_cpp=args.llama_cpp, outtype=args.gguf_type,
+                        overwrite=args.overwrite, quiet=False)
+            return 0
         export(args.moe, args.output, args.to, overwrite=args.overwrite, max_shard_size=max_shard_size, quiet=False)
     return 0
 
