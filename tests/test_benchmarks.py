@@ -84,3 +84,37 @@ def test_host_overhead_benchmark_runs_and_reports_only_the_experts_graph_break(c
     assert "3 layers on cpu: step eager" in out
     breaks = [line for line in out.splitlines() if "graph break" in line]
     assert breaks and all("disable" in line for line in breaks), breaks
+
+
+def test_conversion_benchmark_runs_both_tools_alternating_and_reports_ratios_and_profile(tmp_path, tiny_dense_dirs,
+                                                                                        capsys):
+    """Side by side without mergekit: a stand-in `mergekit-moe` whose child holds 150 MiB (the peak must count a
+    process the command spawned); ours is the real command on a tiny model, profiled."""
+    conversion = import_benchmark("conversion")
+    assert conversion.schedule([4, 8], ["ours", "mergekit"], 2) == [
+        (0, 4, "ours"), (0, 4, "mergekit"), (0, 8, "ours"), (0, 8, "mergekit"),
+        (1, 4, "mergekit"), (1, 4, "ours"), (1, 8, "mergekit"), (1, 8, "ours")]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "mergekit-moe"
+    fake.write_text(f'#!/bin/sh\nmkdir -p "$2" && cp "$1" "$2/config.yml"\n'
+                    f"{sys.executable} -c 'import time; b = bytearray(150 * 2**20); time.sleep(0.3)'\necho done\n")
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    conversion.main(["--source", str(tiny_dense_dirs["llama"]), "--experts", "2", "--mergekit-venv", str(venv),
+                     "--profile", "--json", "--workdir", str(work)])
+    result = json.loads(capsys.readouterr().out)
+    runs = {r["tool"]: r for r in result["runs"]}
+    assert set(runs) == {"ours", "mergekit"} and not list(work.glob("*-2/"))  # outputs removed after measuring
+    assert runs["mergekit"]["peak_rss_mib"] >= 150 > runs["mergekit"]["output_mib"] > 0
+    config = (work / "mergekit-2.yml").read_text()
+    assert "gate_mode: random" in config and config.count("source_model:") == 2 and "dtype: bfloat16" in config
+    line = result["summary"][0]
+    assert line["wall_ratio"] == pytest.approx(runs["ours"]["wall_s"] / runs["mergekit"]["wall_s"])
+    assert line["rss_ratio"] == pytest.approx(runs["ours"]["peak_rss_mib"] / runs["mergekit"]["peak_rss_mib"])
+    profile = runs["ours"]["profile"]
+    phases = profile["phases_s"]
+    assert {"read", "write", "build", "plan (config, model class on meta)"} <= set(phases)
+    assert sum(phases.values()) == pytest.approx(profile["conversion_s"], rel=0.05)
+    assert 0 < profile["startup_and_imports_s"] < runs["ours"]["wall_s"]

@@ -86,3 +86,50 @@ def test_existing_output_refused_then_replaced_with_overwrite(tmp_path, tiny_den
     empty.mkdir()
     upcycle(tiny_dense_dirs["llama"], empty, num_experts=4, top_k=2)  # an empty folder is fine
     assert (empty / "config.json").is_file()
+
+
+def test_default_router_builds_each_layers_expert_once_bit_exact_with_the_float32_formula(tmp_path, tiny_dense_dirs,
+                                                                                          monkeypatch):
+    """softmax_topk (the default) scales every expert by the same s, so the experts of a layer are identical: each
+    is built (read, scaled in float32, cast) once and written N times, with the bits of the float32 formula."""
+    from upcycled_moe.conversion import methods
+
+    builds = []
+    real = methods.build_expert
+    monkeypatch.setattr(convert_module, "build_expert", lambda *a, **k: builds.append(a[3]) or real(*a, **k))
+    upcycle(tiny_dense_dirs["llama"], tmp_path / "moe", num_experts=6, top_k=2, dtype="bfloat16")
+    assert len(builds) == 2 * 2  # gate_up_proj and down_proj, in each of the 2 layers (was 6 experts x 2 x 2)
+    root = Path(tiny_dense_dirs["llama"])
+    with safe_open(root / "model.safetensors", "pt") as f:
+        dense = {k: f.get_tensor(k) for k in f.keys()}
+    index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
+    moe = {}
+    for shard in set(index["weight_map"].values()):
+        with safe_open(tmp_path / "moe" / shard, "pt") as f:
+            moe.update({k: f.get_tensor(k) for k in f.keys()})
+    r = 3.0 ** 0.5  # s = N / T = 3 on the output, split sqrt(s) on up and down (gate untouched)
+    for layer in range(2):
+        d = {m: dense[f"model.layers.{layer}.mlp.{m}_proj.weight"].float() for m in ("gate", "up", "down")}
+        gate_up = torch.cat([d["gate"], d["up"] * r]).to(torch.bfloat16)
+        down = (d["down"] * r).to(torch.bfloat16)
+        for e in range(6):
+            assert torch.equal(moe[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e], gate_up)
+            assert torch.equal(moe[f"model.layers.{layer}.mlp.experts.down_proj"][e], down)
+
+
+def test_writer_checks_a_repeated_chunk_once_and_still_refuses_nan(tmp_path, monkeypatch):
+    """Identical experts are one tensor yielded N times: its NaN/inf check runs once; a distinct chunk is checked."""
+    from upcycled_moe.conversion import writer
+
+    checked = []
+    real = writer.all_finite
+    monkeypatch.setattr(writer, "all_finite", lambda t: checked.append(t) or real(t))
+    expert = torch.ones(1, 3, 2)
+    plans = [TensorPlan("experts", (5, 3, 2), torch.float32, lambda: iter([expert] * 5))]
+    write_sharded(tmp_path, plans, 10**6)
+    assert len(checked) == 1
+    bad = torch.ones(1, 3, 2)
+    bad[0, 2, 1] = float("nan")
+    plans = [TensorPlan("experts", (3, 3, 2), torch.float32, lambda: iter([expert, expert, bad]))]
+    with pytest.raises(UpcycleError, match="NaN or inf"):
+        write_sharded(tmp_path, plans, 10**6)

@@ -25,6 +25,7 @@ from huggingface_hub.errors import StrictDataclassError
 import torch
 
 from .errors import UpcycleError, VerificationFailed, reason, step
+from .profiling import profile_session, timed
 from .families import dense_config_fields, is_gated
 from .methods import (
     ExpertRecipe,
@@ -231,10 +232,13 @@ def _copy_producer(source: DenseSource, name: str, dtype: torch.dtype, multiplie
             return
         step = max(1, COPY_CHUNK_BYTES // (4 * max(1, math.prod(shape[1:]))))
         for start in range(0, shape[0], step):
-            chunk = source.get(name, slice(start, min(start + step, shape[0])))
-            if multiplier != 1.0:
-                chunk = chunk.float() * multiplier
-            yield chunk.to(dtype)
+            with timed("read"):
+                chunk = source.get(name, slice(start, min(start + step, shape[0])))
+            with timed("assemble (cat, cast)"):
+                if multiplier != 1.0:
+                    chunk = chunk.float() * multiplier
+                chunk = chunk.to(dtype)
+            yield chunk
 
     return produce
 
@@ -308,17 +312,31 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
 
 
 def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
-    """Producers for a sparse layer's router, routed experts (one expert per chunk) and shared expert."""
+    """Producers for a sparse layer's router, routed experts (one expert per chunk) and shared expert.
+
+    Without per-expert randomness (no Drop-Upcycling, no noise) the experts built from the same rows of the same
+    source are identical, scaled or not: each is built once and the same tensor yielded for every copy (the writer
+    checks it once), so N experts cost one build and N writes."""
     dtype, slots = plan.dtype, plan.expert_slots()
+
+    def build(e, slot, which):
+        with timed("read"):
+            dense = cache.get(slot.source, layer)
+        with timed("build"):
+            g, u, d = build_expert(*dense, e, layer, recipe, rows=slot.rows)
+        with timed("assemble (cat, cast)"):
+            out = torch.cat([g, u], dim=0) if which == "gate_up_proj" else (u if which == "up_proj" else d)
+            return out.unsqueeze(0).to(dtype)
 
     def experts(which):
         def produce():
+            built, built_for = None, None
             for e, slot in enumerate(slots):
-                g, u, d = build_expert(*cache.get(slot.source, layer), e, layer, recipe, rows=slot.rows)
-                out = torch.cat([g, u], dim=0) if which == "gate_up_proj" else (u if which == "up_proj" else d)
-                del g, u, d  # only this expert's chunk stays alive while it is written
-                yield out.unsqueeze(0).to(dtype)
-                del out
+                key = (id(slot.source), slot.rows.start, slot.rows.stop)
+                if recipe.per_expert or key != built_for:
+                    built = None  # only one expert's chunk alive while it is written
+                    built, built_for = build(e, slot, which), key
+                yield built
 
         return produce
 
@@ -446,6 +464,11 @@ def upcycle(source, output, *, quiet: bool = True, tokenizer=None, to: str | Non
     UpcycleError on bad input, always before `output` is touched. With `verify=True`, a failed verification raises
     VerificationFailed after the model is written (its card and config record the measurement).
     """
+    with profile_session():
+        return _upcycle(source, output, quiet=quiet, tokenizer=tokenizer, to=to, **options)
+
+
+def _upcycle(source, output, *, quiet: bool, tokenizer, to: str | None, **options) -> Path:
     opts = options.pop("options", None)
     opts = UpcycleOptions.from_dict(opts.to_dict() if opts is not None else {}, **options)
     start = time.perf_counter()
@@ -456,12 +479,12 @@ def upcycle(source, output, *, quiet: bool = True, tokenizer=None, to: str | Non
     if local is not None and local.exists():
         source_folder = local if local.is_dir() else local.parent
     out = check_output(output, opts.overwrite, source_folder)
-    with step("reading the source"):
+    with step("reading the source"), timed("open the source (config, headers, checks)"):
         src = open_source(source, allow_bin=opts.allow_bin, revision=opts.revision, gguf_file=opts.gguf_file,
                           tokenizer=tokenizer)
     if opts.verify:
         _check_verify_tokenizer(tokenizer or src.load_tokenizer(), texts.get("verify_text"), opts.verify_text)
-    with step("planning the conversion"):
+    with step("planning the conversion"), timed("plan (config, model class on meta)"):
         plan = plan_conversion(src, opts, tokenizer=tokenizer, to=to)
         plan.config.upcycling = provenance(plan)
     _say(quiet, f"upcycling {src.description.get('path') or src.description.get('hub_id') or 'model'} "
@@ -497,7 +520,7 @@ def write_conversion(plan: ConversionPlan, out: Path, *, texts: dict, quiet: boo
     """Write the planned MoE at `out` (atomically), or export it to the stock `to` through a temporary sibling."""
     opts = plan.options
     if to is None:
-        with step(f"writing {out}"), AtomicFolder(out, opts.overwrite) as tmp:
+        with step(f"writing {out}"), timed("commit (rename into place)"), AtomicFolder(out, opts.overwrite) as tmp:
             failed = _write_moe(plan, tmp, texts, quiet)
     else:
         from .export import export
@@ -523,20 +546,22 @@ def _write_moe(plan: ConversionPlan, folder: Path, texts: dict, quiet: bool) -> 
             print(f"  wrote {done[0]}/{len(plan.tensors)} tensors", flush=True)
 
     write_sharded(folder, plan.tensors, opts.max_shard_size, progress=progress)
-    write_side_files(folder, plan)
+    with timed("side files (config, code, tokenizer)"):
+        write_side_files(folder, plan)
     results, failed = None, []
     if opts.verify:
         from .verify import failures, format_report, verify
 
         _say(quiet, "verifying against the dense model ...")
-        with step("verifying the MoE against the dense model"):
+        with step("verifying the MoE against the dense model"), timed("verify"):
             dense = src.load_dense_model(torch.float32)
             results = verify(dense, folder, text=texts.get("verify_text"), tokenizer=src.load_tokenizer())
         _say(quiet, format_report(results))
         failed = failures(results, require_greedy_match=opts.function_preserving)
         plan.config.upcycling["verify"] = results
         plan.config.save_pretrained(folder)
-    write_model_card(folder, plan, results)
+    with timed("model card"):
+        write_model_card(folder, plan, results)
     return failed
 
 

@@ -206,6 +206,11 @@ class ExpertRecipe:
     noise_fraction: float = 1.0
     seed: int = 0
 
+    @property
+    def per_expert(self) -> bool:
+        """Whether experts built from the same dense rows differ (they draw their own randomness)."""
+        return self.drop_ratio > 0 or self.noise_std > 0
+
 
 def build_expert(gate, up, down, expert: int, layer: int, recipe: ExpertRecipe, rows: slice | None = None):
     """Routed expert `expert` of `layer` from the dense FFN matrices (float32; gate None for plain MLPs).

@@ -24,6 +24,7 @@ import torch
 
 from .errors import UpcycleError, describe_os_error, read_utf8, reason, regular_file
 from .families import GGUF_ARCHITECTURES, SUPPORTED_FAMILIES, check_supported
+from .profiling import timed
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -445,7 +446,8 @@ def folder_source(folder: Path, kind: str, files: list[Path], description: dict)
     config = family_config(raw)
     cls = SafetensorsSource if kind == "safetensors" else BinSource
     source = cls(folder, config, files, dict(description, format=kind, architecture=config.model_type))
-    source.description["fingerprint"] = "sha256:" + source.fingerprint()
+    with timed("hash (fingerprint)"):
+        source.description["fingerprint"] = "sha256:" + source.fingerprint()
     source.description.update(card_facts(folder / "README.md", raw))
     check_tensors(source)
     return source
@@ -557,15 +559,17 @@ def gguf_source(folder: Path, name: str) -> DenseSource:
             f"unsupported architecture {arch!r} in {name}: supported source families are {', '.join(SUPPORTED_FAMILIES)}"
         )
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with timed("dequantise (GGUF)"):
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as exc:  # noqa: BLE001
         raise UpcycleError(f"transformers could not load {path}: {reason(exc)}") from None
     model = plain_model(loaded)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(16 * 1024 * 1024))
-    h.update(str(path.stat().st_size).encode())
+    with timed("hash (fingerprint)"):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(16 * 1024 * 1024))
+        h.update(str(path.stat().st_size).encode())
     description = {
         "path": str(path),
         "format": "gguf",
@@ -634,7 +638,8 @@ def expected_dense_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def check_tensors(source: DenseSource) -> None:
     """Every tensor the config implies is present with the right shape; nothing unexpected. No data read."""
-    expected = expected_dense_shapes(source.config)
+    with timed("check tensors (dense class on meta)"):
+        expected = expected_dense_shapes(source.config)
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     have = set(source.names())
     missing = [k for k in expected if k not in have and not (tied and k == "lm_head.weight")]
