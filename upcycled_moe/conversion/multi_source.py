@@ -6,8 +6,9 @@ and several copies), an optional shared expert and how the routers start (`gate_
 
 - upcycle: the small tied router of plain upcycling (identical sources give the dense model's function);
 - hidden: per expert, the positive minus the negative prompts' normalised mean hidden state at each MoE layer's
-  input, run through the base model;
-- cheap_embed: the same from the prompts' token embeddings (one row for every layer);
+  input, run through the base model (its attention, norms and embeddings averaged with `base_weights: average`);
+- cheap_embed: the same from the prompts' token embeddings, without the full forward pass: per layer, the
+  embeddings plus what the layers below add under uniform attention (MLPs left out), through its pre-MLP norm;
 - random: independent normal rows with the model's initializer_range.
 
 The file is a superset of mergekit-moe's: a mergekit-moe file is accepted as it is, and the keys mergekit has but
@@ -372,48 +373,87 @@ def router_row(positive: torch.Tensor, negative: torch.Tensor | None) -> torch.T
 
 
 @torch.no_grad()
-def prompt_means(spec: MultiSourceSpec, base, layers: list[int], prompts) -> dict[str, list[dict[int, torch.Tensor]]]:
+def prompt_model(base, layers: list[int], averaged=()):
+    """The dense model the prompts run through: the base, with every weight outside the MoE layers' MLPs replaced
+    by its mean over `averaged` (base_weights: average), so attention, norms and embeddings are the output's own.
+    The MoE layers' MLPs stay the base's dense MLP: the stand-in for the MoE whose routers are being computed."""
+    model = base.load_dense_model(torch.float32)
+    model.eval()
+    if averaged:
+        moe_mlps = tuple(f"model.layers.{i}.mlp." for i in layers)
+        for name, param in model.named_parameters():
+            if not name.startswith(moe_mlps):
+                param.copy_(sum(src.get(name).float() for src in averaged) / len(averaged))
+    return model
+
+
+def embedding_inputs(model, layers: list[int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """cheap_embed's stand-in for each MoE layer's input, without running the model: the token embeddings, plus per
+    layer below the attention output under uniform causal attention (each token's values averaged over its prefix,
+    no queries or keys) and the MLP's output bias, through the layer's pre-MLP norm. The dense MLPs are left out.
+
+    The raw embeddings alone are not enough: whatever every token's input has in common (attention output biases,
+    the attention output of inputs dominated by them) moves each expert's logit by a fixed amount, and rows that
+    ignore it sent every token of a tiny Llama with attention biases to one expert."""
+    x = model.get_input_embeddings()(ids).float()
+    out = {}
+    config = model.config
+    groups = config.num_attention_heads // config.num_key_value_heads
+    positions = torch.arange(1, x.shape[0] + 1, dtype=x.dtype).unsqueeze(-1)
+    for i, layer in enumerate(model.model.layers[: max(layers) + 1]):
+        attn = layer.self_attn
+        v = attn.v_proj(layer.input_layernorm(x)).cumsum(0) / positions  # uniform causal attention
+        v = v.unflatten(-1, (config.num_key_value_heads, -1)).repeat_interleave(groups, dim=1).flatten(1)
+        x = x + attn.o_proj(v)
+        if i in layers:
+            out[i] = layer.post_attention_layernorm(x).float()
+        bias = getattr(getattr(layer.mlp, "down_proj", None), "bias", None)
+        x = x if bias is None else x + bias
+    return out
+
+
+@torch.no_grad()
+def prompt_means(spec: MultiSourceSpec, base, layers: list[int], prompts,
+                 averaged=()) -> dict[str, list[dict[int, torch.Tensor]]]:
     """Expert key -> [positive, negative] mean (of per-prompt token means) input vector per MoE layer.
 
-    hidden: each layer's MoE input (the dense MLP's input: after the post-attention norm) of the base model;
-    cheap_embed: the token embeddings, the same for every layer."""
-    if spec.gate_mode == "cheap_embed":
-        def mean_of(ids_list):
-            vectors = [torch.stack([base.get("model.embed_tokens.weight", slice(t, t + 1))[0].float()
-                                    for t in ids.tolist()]).mean(0) for ids in ids_list]
-            v = torch.stack(vectors).mean(0)
-            return {i: v for i in layers}
-    else:
-        model = base.load_dense_model(torch.float32)
-        model.eval()
-        captured: dict[int, torch.Tensor] = {}
-
+    hidden: each layer's MoE input (the dense MLP's input: after the post-attention norm), the prompts run through
+    the model the output has (prompt_model); cheap_embed: embedding_inputs (no attention scores, no MLPs)."""
+    model = prompt_model(base, layers, averaged)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    if spec.gate_mode == "hidden":
         def hook_for(i):
             def hook(module, args):
-                captured[i] = args[0][0].float().mean(0)
+                captured[i] = args[0][0].float()
             return hook
 
         hooks = [model.model.layers[i].mlp.register_forward_pre_hook(hook_for(i)) for i in layers]
 
-        def mean_of(ids_list):
-            sums = {i: 0.0 for i in layers}
-            for ids in ids_list:
-                model(input_ids=ids.unsqueeze(0), use_cache=False)
-                for i in layers:
-                    sums[i] = sums[i] + captured[i]
-            return {i: sums[i] / len(ids_list) for i in layers}
+    def layer_inputs(ids):
+        if spec.gate_mode == "cheap_embed":
+            return embedding_inputs(model, layers, ids)
+        model(input_ids=ids.unsqueeze(0), use_cache=False)
+        return captured
+
+    def mean_of(ids_list):
+        sums = {i: 0.0 for i in layers}
+        for ids in ids_list:
+            inputs = layer_inputs(ids)
+            for i in layers:
+                sums[i] = sums[i] + inputs[i].mean(0)
+        return {i: sums[i] / len(ids_list) for i in layers}
 
     try:
         return {key: [mean_of(pos), mean_of(neg) if neg else None] for key, (pos, neg) in prompts.items()}
     finally:
-        if spec.gate_mode == "hidden":
-            for h in hooks:
-                h.remove()
+        for h in hooks:
+            h.remove()
 
 
-def prompt_routers(spec: MultiSourceSpec, base, layers: list[int], prompts) -> dict[int, torch.Tensor]:
+def prompt_routers(spec: MultiSourceSpec, base, layers: list[int], prompts, averaged=()) -> dict[int, torch.Tensor]:
     """(N, d) float32 router per MoE layer; the copies of an expert share its row."""
-    means = prompt_means(spec, base, layers, prompts)
+    means = prompt_means(spec, base, layers, prompts, averaged)
     routers = {}
     for i in layers:
         rows = []
@@ -476,7 +516,7 @@ def upcycle_multi(config, output, *, quiet: bool = True, to: str | None = None, 
         plan.router_init = spec.gate_mode
         if prompts:  # the first weights read: everything above is checked
             with step(f"running the {spec.gate_mode} prompts"):
-                plan.routers = prompt_routers(spec, base, plan.moe_layers, prompts)
+                plan.routers = prompt_routers(spec, base, plan.moe_layers, prompts, plan.averaged)
 
     with step("planning the conversion"):
         plan = plan_conversion(base, opts, to=to, before_weights=fill)
