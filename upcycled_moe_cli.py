@@ -26,7 +26,24 @@ def _package_cli():
     return module
 
 
+def _exit_without_teardown(status: int):
+    """The console script's exit once its command has finished (its files closed): atexit handlers run and the
+    streams are flushed, but the interpreter does not tear down the thousands of modules torch and transformers
+    loaded (measured 5-13 s of a 50-90 s conversion on a loaded 2-core machine)."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(status)
+
+
 def upcycle_moe(argv: list[str] | None = None) -> int:
+    console = argv is None  # the console script; a caller passing argv gets the status back
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         _package_cli().build_parser().parse_args(argv)
@@ -34,7 +51,10 @@ def upcycle_moe(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     from upcycled_moe.cli import main
 
-    return main(argv)
+    status = main(argv)
+    if console:
+        _exit_without_teardown(status)
+    return status
 
 
 def pretrain(argv: list[str] | None = None) -> None:

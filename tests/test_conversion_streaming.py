@@ -133,3 +133,26 @@ def test_writer_checks_a_repeated_chunk_once_and_still_refuses_nan(tmp_path, mon
     plans = [TensorPlan("experts", (3, 3, 2), torch.float32, lambda: iter([expert, expert, bad]))]
     with pytest.raises(UpcycleError, match="NaN or inf"):
         write_sharded(tmp_path, plans, 10**6)
+
+
+def test_console_script_exits_without_tearing_down_the_interpreter(tmp_path):
+    """Once a command has finished (files closed, streams flushed, atexit handlers run), `upcycle-moe` leaves
+    without the interpreter's module teardown, which costs seconds after importing torch and transformers. The exit
+    status and the one error line are kept; called as a function (argv given), it returns as before."""
+    import subprocess
+
+    code = (
+        "import atexit, os, sys, upcycled_moe_cli\n"
+        "class Witness:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        write(1, b'module teardown')\n"
+        "upcycled_moe_cli.witness = Witness()\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        f"sys.argv = ['upcycle-moe', 'convert', {str(tmp_path / 'missing')!r}, {str(tmp_path / 'out')!r}]\n"
+        "sys.exit(upcycled_moe_cli.upcycle_moe())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "atexit ran" in proc.stdout and "module teardown" not in proc.stdout, proc.stdout

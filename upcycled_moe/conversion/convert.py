@@ -55,7 +55,7 @@ EXTRA_CONFIG_FIELDS = (
     "capacity_factor",
     "output_router_logits",
 )
-COPY_CHUNK_BYTES = 64 * 1024 * 1024
+COPY_CHUNK_BYTES = 16 * 1024 * 1024  # a big embedding is copied in chunks of this size (peak RSS)
 SHARED_EXPERT_SHARE = 0.5
 
 
