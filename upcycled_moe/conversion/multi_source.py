@@ -300,11 +300,27 @@ def vocabulary_fingerprint(source) -> str | None:
     return h.hexdigest() if found else None
 
 
+def _tokenizer_files_digest(source) -> str | None:
+    """sha256 of the tokenizer files' bytes: equal bytes need no vocabulary comparison (which costs seconds for a
+    49k-token vocabulary)."""
+    folder = getattr(source, "folder", None)
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    found = False
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        if (Path(folder) / name).is_file():
+            h.update(name.encode() + (Path(folder) / name).read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
 def check_compatible(spec: MultiSourceSpec, sources: dict) -> None:
     """Every source has the base's architecture, shapes and vocabulary; slices fit the FFN width."""
     base = sources[spec.base_model]
     want = _architecture(base)
-    base_vocab = vocabulary_fingerprint(base)
+    base_files = _tokenizer_files_digest(base)
+    base_vocab = None
     entries = [(e.key, e) for e in spec.experts] + ([("shared_experts[0]", spec.shared)] if spec.shared else [])
     for key, entry in entries:
         src = sources[entry.source_model]
@@ -321,6 +337,9 @@ def check_compatible(spec: MultiSourceSpec, sources: dict) -> None:
             k = diff[0]
             raise UpcycleError(f"{where}: {entry.source_model} has {k}={have.get(k)!r} where base_model has "
                                f"{want.get(k)!r} (differs in {diff}): every source must have the base's shapes")
+        if base_files is not None and _tokenizer_files_digest(src) == base_files:
+            continue
+        base_vocab = base_vocab or vocabulary_fingerprint(base)
         vocab = vocabulary_fingerprint(src)
         if vocab is not None and base_vocab is not None and vocab != base_vocab:
             raise UpcycleError(f"{where}: {entry.source_model}'s tokenizer has another vocabulary than base_model "
