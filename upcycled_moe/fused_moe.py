@@ -37,6 +37,7 @@ crash.
 """
 
 import collections
+import hashlib
 
 import torch
 
@@ -103,6 +104,26 @@ def _torch_act(name):
         return torch.relu
     if name == "gelu_tanh":
         return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+    raise ValueError(name)
+
+
+def _torch_act_grad(name):
+    """d act / dx in closed form (the Triton kernels' _act_grad)."""
+    if name == "silu":
+        def silu_grad(x):
+            s = torch.sigmoid(x)
+            return s * (1.0 + x * (1.0 - s))
+        return silu_grad
+    if name == "relu2":
+        return lambda x: 2.0 * torch.relu(x)
+    if name == "relu":
+        return lambda x: (x > 0).to(x.dtype)
+    if name == "gelu_tanh":
+        def gelu_tanh_grad(x):
+            c = 0.7978845608028654
+            t = torch.tanh(c * (x + 0.044715 * x.pow(3)))
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        return gelu_tanh_grad
     raise ValueError(name)
 
 
@@ -248,14 +269,14 @@ def _act_forward(gu, offs, n_inter, gated, act, act_fn, triton_ok):
     return fn(gu.float()).to(gu.dtype)
 
 
-def _act_backward(gu, dh_raw, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok):
+def _act_backward(gu, dh_raw, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok, overwrite=True):
     """Returns (d gate_up, w*h, dw fp32 in slot order: dw[perm[s]] = <dh_raw[s], h[s]>).
 
-    On the Triton path d gate_up is written over gu and w*h over dh_raw (each element is read before the same
-    program overwrites it), so backward allocates no new (S, 2I) buffer."""
+    On the Triton path w*h is written over dh_raw and, with `overwrite`, d gate_up over gu (each element is read
+    before the same program overwrites it), so backward allocates no new (S, 2I) buffer."""
     S = gu.shape[0]
     if triton_ok:
-        dgu = gu
+        dgu = gu if overwrite else torch.empty_like(gu)
         dw = torch.empty(S, device=gu.device, dtype=torch.float32)
         if S:
             block = _pow2_block(n_inter, 1024)
@@ -265,18 +286,25 @@ def _act_backward(gu, dh_raw, w_sorted, perm, offs, n_inter, gated, act, act_fn,
                 N_BLOCKS=triton.cdiv(n_inter, block), num_warps=8 if block >= 1024 else 4,
             )
         return dgu, dh_raw, dw
-    fn = _torch_act(act) if act is not None else act_fn
     valid = (torch.arange(S, device=gu.device) < offs[-1]).unsqueeze(-1)
     w = w_sorted.float().unsqueeze(-1)
     d = torch.where(valid, dh_raw.float(), 0.0)
-    with torch.enable_grad():
-        x = torch.where(valid, gu.float(), 0.0).detach().requires_grad_(True)
-        if gated:
-            h = fn(x[:, :n_inter]) * x[:, n_inter:]
-        else:
-            h = fn(x)
-        (dx,) = torch.autograd.grad(h, x, d * w)
-    h = h.detach()
+    x = torch.where(valid, gu.float(), 0.0)
+    g, u = (x[:, :n_inter], x[:, n_inter:]) if gated else (x, None)
+    if act is not None:  # closed form: also runs inside a custom op, where autograd is off
+        a, da = _torch_act(act)(g), _torch_act_grad(act)(g)
+    else:
+        with torch.enable_grad():
+            g = g.detach().requires_grad_(True)
+            a = act_fn(g)
+            (da,) = torch.autograd.grad(a, g, torch.ones_like(a))
+        a = a.detach()
+    if gated:
+        h = a * u
+        dx = torch.cat((d * w * u * da, d * w * a), dim=-1)
+    else:
+        h = a
+        dx = d * w * da
     dw = torch.empty(S, device=gu.device, dtype=torch.float32).scatter_(0, perm, (d * h).sum(-1))
     return dx.to(gu.dtype), (h * w).to(dh_raw.dtype), dw
 
@@ -404,34 +432,79 @@ def _route(top_k_index, num_experts):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the autograd function
+# forward and backward (one implementation, called by the eager autograd.Function and by the custom ops)
 # --------------------------------------------------------------------------------------------------------------
-class _FusedExpertsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, k, out_dtype):
-        # w1_t: (E, H, N1) view of the first projection, w2_t: (E, I, H) view of the second (the grouped_mm B).
-        w1_t = w1 if transposed else w1.transpose(-2, -1)
-        w2_t = w2 if transposed else w2.transpose(-2, -1)
-        triton_ok = _use_triton(x, act)
+def _experts_forward(x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, out_dtype):
+    """Returns (out, gate_up, w_sorted): the output and the two tensors backward needs besides the inputs."""
+    # w1_t: (E, H, N1) view of the first projection, w2_t: (E, I, H) view of the second (the grouped_mm B).
+    w1_t = w1 if transposed else w1.transpose(-2, -1)
+    w2_t = w2 if transposed else w2.transpose(-2, -1)
+    triton_ok = _use_triton(x, act)
+    x_g = x.index_select(0, tok)
+    gu = _gmm(x_g, w1_t, offs)
+    del x_g
+    h = _act_forward(gu, offs, n_inter, gated, act, act_fn, triton_ok)
+    y = _gmm(h, w2_t, offs)
+    del h
+    w_flat = weights.reshape(-1)
+    if not w_flat.is_contiguous():
+        w_flat = w_flat.contiguous()
+    out = _unpermute(y, pos, w_flat, offs, x.shape[0], weights.shape[-1], out_dtype, triton_ok)  # fp32 sum
+    w_sorted = w_flat.index_select(0, perm).float()
+    return out, gu, w_sorted
+
+
+def _experts_backward(dout, x, weights, w1, w2, perm, tok, pos, offs, w_sorted, gu, transposed, gated, n_inter,
+                      act, act_fn, needs, overwrite=True):
+    """Returns (dx, dweights, dW1, dW2), None where `needs` (four bools) says no. With `overwrite` the Triton path
+    writes d gate_up over gu (memory)."""
+    need_x, need_w, need_w1, need_w2 = needs
+    k = weights.shape[-1]
+    triton_ok = _use_triton(x, act)
+    dout = dout.to(x.dtype)
+    if not dout.is_contiguous():
+        dout = dout.contiguous()
+    w1_t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, N1)
+    w2_t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
+
+    g_g = dout.index_select(0, tok)  # (S, H), unscaled
+    dh = _gmm(g_g, w2_t.transpose(-2, -1), offs)  # (S, I)
+    dgu, hw, dw_slots = _act_backward(gu, dh, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok,
+                                      overwrite)
+    del dh
+    dw2 = None
+    if need_w2:  # dW2 (E, H, I) = g_g^T @ (w*h)   [(E, I, H) when stored transposed]
+        dw2 = _gmm_wgrad(hw.t(), g_g, offs) if transposed else _gmm_wgrad(g_g.t(), hw, offs)
+    del g_g, hw
+    dx = None
+    if need_x:
+        dx_g = _gmm(dgu, w1_t.transpose(-2, -1), offs)  # (S, H)
+        dx = _unpermute(dx_g, pos, None, offs, x.shape[0], k, x.dtype, triton_ok)
+        del dx_g
+    dw1 = None
+    if need_w1:  # dW1 (E, N1, H) = dgu^T @ x_g
         x_g = x.index_select(0, tok)
-        gu = _gmm(x_g, w1_t, offs)
-        del x_g
-        h = _act_forward(gu, offs, n_inter, gated, act, act_fn, triton_ok)
-        y = _gmm(h, w2_t, offs)
-        del h
-        w_flat = weights.reshape(-1)
-        if not w_flat.is_contiguous():
-            w_flat = w_flat.contiguous()
-        out = _unpermute(y, pos, w_flat, offs, x.shape[0], k, out_dtype, triton_ok)  # fp32 sum, one rounding
-        w_sorted = w_flat.index_select(0, perm).float()
+        dw1 = _gmm_wgrad(x_g.t(), dgu, offs) if transposed else _gmm_wgrad(dgu.t(), x_g, offs)
+    dweights = None
+    if need_w:
+        dweights = dw_slots.view(weights.shape).to(weights.dtype)
+    return dx, dweights, dw1, dw2
+
+
+class _FusedExpertsFn(torch.autograd.Function):
+    """The eager path: saves gate_up outside the autograd graph so that backward may overwrite it (memory)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, act_fn, out_dtype):
+        out, gu, w_sorted = _experts_forward(x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act,
+                                             act_fn, out_dtype)
         ctx.save_for_backward(x, weights, w1, w2, perm, tok, pos, offs, w_sorted)
         ctx.gu = gu  # an intermediate, held only here: backward overwrites it with its gradient (memory)
-        ctx.meta = (gated, n_inter, act, act_fn, k, triton_ok, transposed)
+        ctx.meta = (transposed, gated, n_inter, act, act_fn)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weights, w1, w2, perm, tok, pos, offs, w_sorted = ctx.saved_tensors
         gu = getattr(ctx, "gu", None)
         if gu is None:
             raise RuntimeError(
@@ -440,35 +513,91 @@ class _FusedExpertsFn(torch.autograd.Function):
                 "implementation for double backward"
             )
         del ctx.gu
-        gated, n_inter, act, act_fn, k, triton_ok, transposed = ctx.meta
-        need_x, need_w, need_w1, need_w2 = ctx.needs_input_grad[:4]
-        dout = dout.to(x.dtype)
-        if not dout.is_contiguous():
-            dout = dout.contiguous()
-        w1_t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, N1)
-        w2_t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
+        grads = _experts_backward(dout, *ctx.saved_tensors, gu, *ctx.meta, ctx.needs_input_grad[:4])
+        return (*grads,) + (None,) * 10
 
-        g_g = dout.index_select(0, tok)  # (S, H), unscaled
-        dh = _gmm(g_g, w2_t.transpose(-2, -1), offs)  # (S, I)
-        dgu, hw, dw_slots = _act_backward(gu, dh, w_sorted, perm, offs, n_inter, gated, act, act_fn, triton_ok)
-        del dh
-        dw2 = None
-        if need_w2:  # dW2 (E, H, I) = g_g^T @ (w*h)   [(E, I, H) when stored transposed]
-            dw2 = _gmm_wgrad(hw.t(), g_g, offs) if transposed else _gmm_wgrad(g_g.t(), hw, offs)
-        del g_g, hw
-        dx = None
-        if need_x:
-            dx_g = _gmm(dgu, w1_t.transpose(-2, -1), offs)  # (S, H)
-            dx = _unpermute(dx_g, pos, None, offs, x.shape[0], k, x.dtype, triton_ok)
-            del dx_g
-        dw1 = None
-        if need_w1:  # dW1 (E, N1, H) = dgu^T @ x_g
-            x_g = x.index_select(0, tok)
-            dw1 = _gmm_wgrad(x_g.t(), dgu, offs) if transposed else _gmm_wgrad(dgu.t(), x_g, offs)
-        dweights = None
-        if need_w:
-            dweights = dw_slots.view(weights.shape).to(weights.dtype)
-        return dx, dweights, dw1, dw2, None, None, None, None, None, None, None, None, None, None, None, None
+
+# --------------------------------------------------------------------------------------------------------------
+# the same computation as custom operators, for torch.compile
+# --------------------------------------------------------------------------------------------------------------
+# torch.compile cannot trace an autograd.Function that runs Triton kernels, host-synced GEMM loops and in-place
+# buffer reuse, and torch.compiler.disable breaks the graph (and fails under fullgraph=True). Custom operators are
+# opaque to the compiler instead: it sees their output shapes (register_fake) and their backward
+# (register_autograd), the graph stays whole around them, and the kernels inside are the eager ones. Activations
+# travel by name (a schema has no callables), so only the known activations take this path. An op may not write
+# its inputs unannounced, so here backward gives d gate_up its own buffer instead of overwriting the saved gate_up.
+# The op names carry the module's name and a hash of this file: it is also loaded as remote code next to the
+# weights, each copy with its own code; a module executed again with the same code finds its ops registered.
+def _op_prefix():
+    try:
+        with open(__file__, "rb") as f:
+            tag = hashlib.sha1(f.read()).hexdigest()[:12]
+    except (NameError, OSError):
+        tag = "nosource"
+    return "fused_experts_" + "".join(c if c.isalnum() else "_" for c in __name__) + "_" + tag
+
+
+_OP_PREFIX = _op_prefix()
+_FWD_OP = _BWD_OP = None
+
+
+def _define_ops():
+    global _FWD_OP, _BWD_OP
+    library = getattr(torch, "library", None)
+    if library is None or not hasattr(library, "custom_op") or not hasattr(library, "register_autograd"):
+        return
+    registered = getattr(torch.ops, "upcycled_moe", None)
+    if registered is not None and hasattr(registered, _OP_PREFIX + "_fwd"):
+        _FWD_OP, _BWD_OP = getattr(registered, _OP_PREFIX + "_fwd"), getattr(registered, _OP_PREFIX + "_bwd")
+        return
+    Tensor = torch.Tensor
+
+    @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_fwd", mutates_args=())
+    def fwd_op(x: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, perm: Tensor, tok: Tensor, pos: Tensor,
+               offs: Tensor, transposed: bool, gated: bool, n_inter: int, act: str,
+               out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        return _experts_forward(x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, None,
+                                out_dtype)
+
+    @fwd_op.register_fake
+    def _(x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, out_dtype):
+        slots = perm.shape[0]
+        n_out1 = w1.shape[-1] if transposed else w1.shape[-2]
+        return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(slots, n_out1),
+                x.new_empty(slots, dtype=torch.float32))
+
+    @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_bwd", mutates_args=())
+    def bwd_op(dout: Tensor, x: Tensor, weights: Tensor, w1: Tensor, w2: Tensor, perm: Tensor, tok: Tensor,
+               pos: Tensor, offs: Tensor, w_sorted: Tensor, gu: Tensor, transposed: bool, gated: bool, n_inter: int,
+               act: str, need_x: bool, need_w: bool, need_w1: bool,
+               need_w2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grads = _experts_backward(dout, x, weights, w1, w2, perm, tok, pos, offs, w_sorted, gu, transposed, gated,
+                                  n_inter, act, None, (need_x, need_w, need_w1, need_w2), overwrite=False)
+        return tuple(g if g is not None else x.new_empty(0) for g in grads)  # an op returns tensors, never None
+
+    @bwd_op.register_fake
+    def _(dout, x, weights, w1, w2, perm, tok, pos, offs, w_sorted, gu, transposed, gated, n_inter, act, need_x,
+          need_w, need_w1, need_w2):
+        return tuple(t.new_empty(t.shape) if need else x.new_empty(0)
+                     for t, need in ((x, need_x), (weights, need_w), (w1, need_w1), (w2, need_w2)))
+
+    def setup_context(ctx, inputs, output):
+        x, weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, _ = inputs
+        _, gu, w_sorted = output
+        ctx.save_for_backward(x, weights, w1, w2, perm, tok, pos, offs, w_sorted, gu)
+        ctx.meta = (transposed, gated, n_inter, act)
+        ctx.mark_non_differentiable(gu, w_sorted)
+
+    def backward(ctx, dout, _dgu, _dw_sorted):
+        needs = tuple(ctx.needs_input_grad[:4])
+        grads = bwd_op(dout, *ctx.saved_tensors, *ctx.meta, *needs)
+        return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 9
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    _FWD_OP, _BWD_OP = fwd_op, bwd_op
+
+
+_define_ops()
 
 
 def _compiler_disable(fn):
@@ -490,7 +619,7 @@ def fused_moe(hidden_states, top_k_index, top_k_weights, w1, w2, gated=True, act
         x = x.contiguous()
     n_out1 = w1.shape[-1] if transposed else w1.shape[-2]
     n_inter = n_out1 // 2 if gated else n_out1
-    core = _fused_core_opaque if _is_compiling() else _fused_core
+    core = _fused_core_compiled if _is_compiling() else _fused_core
     with torch.autocast(x.device.type, enabled=False):  # the operands are cast already; grouped_mm ignores autocast
         out = core(x, top_k_index, top_k_weights, w1, w2, bool(transposed), gated, n_inter, act, act_fn,
                    hidden_states.dtype)
@@ -516,10 +645,20 @@ def _fused_core(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inte
     with torch.no_grad():
         perm, tok, pos, offs = _route(top_k_index, w1.shape[0])
     return _FusedExpertsFn.apply(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act,
-                                 act_fn, top_k_index.shape[-1], out_dtype)
+                                 act_fn, out_dtype)
 
 
-# opaque to torch.compile (a graph break): the surrounding model still compiles; eager calls skip the wrapper
+def _fused_core_compiled(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn, out_dtype):
+    """Under torch.compile: the routing traced, the experts one custom op (no graph break)."""
+    if act is None or _FWD_OP is None:  # a callable activation cannot cross an op's schema: the graph breaks here
+        return _fused_core_opaque(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn,
+                                  out_dtype)
+    with torch.no_grad():
+        perm, tok, pos, offs = _route(top_k_index, w1.shape[0])
+    return _FWD_OP(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, out_dtype)[0]
+
+
+# opaque to torch.compile (a graph break), only for activations the custom op cannot name
 _fused_core_opaque = _compiler_disable(_fused_core)
 
 
