@@ -418,6 +418,7 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
 
     def __init__(self, config: UpcycledMoeConfig):
         super().__init__()
+        self.config = config  # read here, not through self.gate: PEFT's target_parameters wrap the router
         self.gate = UpcycledMoeRouter(config)
         self.experts = UpcycledMoeExperts(config) if config.mlp_gated else UpcycledMoePlainExperts(config)
         if config.num_shared_experts > 0:
@@ -428,7 +429,7 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.view(-1, hidden_dim)
         router_logits, top_k_weights, top_k_index = self.gate(flat, token_mask)
-        if self.gate.config.capacity_factor is not None and self.experts.num_experts < self.gate.config.num_experts:
+        if self.config.capacity_factor is not None and self.experts.num_experts < self.config.num_experts:
             # Expert parallel (transformers set num_experts to this rank's share): its token dispatch needs every id
             # to name a real expert, so a dropped slot goes to expert 0 with the weight of 0 it already has.
             top_k_index = top_k_index.masked_fill(top_k_index == self.gate.config.num_experts, 0)
