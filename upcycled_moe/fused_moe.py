@@ -34,6 +34,11 @@ Backends: Triton kernels on CUDA (when triton imports), the same math in plain t
 triton, unknown activations). GEMMs: torch.nn.functional.grouped_mm / torch._grouped_mm where the dtype,
 device and 16-byte alignment allow it, else a per-expert torch.mm loop (one host sync), so odd shapes never
 crash.
+
+torch.compile: the model compiles as one graph (fullgraph=True works, backward included). Under compilation the
+routing is traced and the experts are custom ops with fake (shape) kernels and registered backwards: with Triton the
+whole fused forward/backward above is one op; elsewhere only the grouped GEMMs are ops and the compiler fuses the
+elementwise steps around them.
 """
 
 import collections
@@ -411,6 +416,11 @@ def _gmm_wgrad(a_t, b, offs):
     return out
 
 
+def _zero_tail(out, offs):
+    """Rows past offs[-1] (sentinel slots) set to zero; grouped_mm leaves them unwritten."""
+    return torch.where((torch.arange(out.shape[0], device=out.device) < offs[-1]).unsqueeze(-1), out, 0.0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # routing metadata
 # --------------------------------------------------------------------------------------------------------------
@@ -538,17 +548,17 @@ def _op_prefix():
 
 
 _OP_PREFIX = _op_prefix()
-_FWD_OP = _BWD_OP = None
+_FWD_OP = _BWD_OP = _GMM_OP = None
 
 
 def _define_ops():
-    global _FWD_OP, _BWD_OP
+    global _FWD_OP, _BWD_OP, _GMM_OP
     library = getattr(torch, "library", None)
     if library is None or not hasattr(library, "custom_op") or not hasattr(library, "register_autograd"):
         return
     registered = getattr(torch.ops, "upcycled_moe", None)
     if registered is not None and hasattr(registered, _OP_PREFIX + "_fwd"):
-        _FWD_OP, _BWD_OP = getattr(registered, _OP_PREFIX + "_fwd"), getattr(registered, _OP_PREFIX + "_bwd")
+        _FWD_OP, _BWD_OP, _GMM_OP = (getattr(registered, _OP_PREFIX + suffix) for suffix in ("_fwd", "_bwd", "_gmm"))
         return
     Tensor = torch.Tensor
 
@@ -594,7 +604,37 @@ def _define_ops():
         return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 9
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    _FWD_OP, _BWD_OP = fwd_op, bwd_op
+
+    @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_gmm", mutates_args=())
+    def gmm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+        return _zero_tail(_gmm(a, b, offs), offs)
+
+    @gmm_op.register_fake
+    def _(a, b, offs):
+        return a.new_empty(a.shape[0], b.shape[-1])
+
+    @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_gmm_bwd", mutates_args=())
+    def gmm_bwd_op(a: Tensor, b: Tensor, offs: Tensor, dout: Tensor, need_a: bool,
+                   need_b: bool) -> tuple[Tensor, Tensor]:
+        da = _zero_tail(_gmm(dout, b.transpose(-2, -1), offs), offs) if need_a else a.new_empty(0)
+        db = _gmm_wgrad(a.t(), dout, offs) if need_b else b.new_empty(0)
+        return da, db
+
+    @gmm_bwd_op.register_fake
+    def _(a, b, offs, dout, need_a, need_b):
+        return (a.new_empty(a.shape) if need_a else a.new_empty(0)), (b.new_empty(b.shape) if need_b else b.new_empty(0))
+
+    def gmm_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def gmm_backward(ctx, dout):
+        need_a, need_b = ctx.needs_input_grad[:2]
+        a, b, offs = ctx.saved_tensors
+        da, db = gmm_bwd_op(a, b, offs, dout.contiguous(), need_a, need_b)
+        return (da if need_a else None), (db if need_b else None), None
+
+    gmm_op.register_autograd(gmm_backward, setup_context=gmm_setup_context)
+    _FWD_OP, _BWD_OP, _GMM_OP = fwd_op, bwd_op, gmm_op
 
 
 _define_ops()
@@ -649,16 +689,28 @@ def _fused_core(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inte
 
 
 def _fused_core_compiled(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn, out_dtype):
-    """Under torch.compile: the routing traced, the experts one custom op (no graph break)."""
-    if act is None or _FWD_OP is None:  # a callable activation cannot cross an op's schema: the graph breaks here
+    """Under torch.compile, no graph break: the routing is traced; with Triton the experts are one custom op (the
+    fused kernels); elsewhere only the grouped GEMMs are ops and the compiler fuses the elementwise steps around
+    them (faster on CPU than running them as eager kernels inside one op)."""
+    if _GMM_OP is None:  # no torch.library.custom_op in this torch
         return _fused_core_opaque(x, top_k_index, top_k_weights, w1, w2, transposed, gated, n_inter, act, act_fn,
                                   out_dtype)
     with torch.no_grad():
         perm, tok, pos, offs = _route(top_k_index, w1.shape[0])
-    return _FWD_OP(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, out_dtype)[0]
+    if _use_triton(x, act):
+        return _FWD_OP(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, out_dtype)[0]
+    w1_t = w1 if transposed else w1.transpose(-2, -1)
+    w2_t = w2 if transposed else w2.transpose(-2, -1)
+    gu = _GMM_OP(x.index_select(0, tok), w1_t, offs)  # rows past offs[-1] (sentinel slots) are zero
+    fn = _torch_act(act) if act is not None else act_fn
+    h = fn(gu[:, :n_inter].float()) * gu[:, n_inter:].float() if gated else fn(gu.float())
+    y = _GMM_OP(h.to(gu.dtype), w2_t, offs)
+    rows = torch.where((pos < offs[-1]).unsqueeze(-1), y.index_select(0, pos).float(), 0.0)
+    rows = rows * top_k_weights.reshape(-1, 1).float()
+    return rows.view(x.shape[0], top_k_weights.shape[-1], -1).sum(1).to(out_dtype)  # fp32 sum, one rounding
 
 
-# opaque to torch.compile (a graph break), only for activations the custom op cannot name
+# opaque to torch.compile (a graph break), only where torch has no torch.library.custom_op
 _fused_core_opaque = _compiler_disable(_fused_core)
 
 
