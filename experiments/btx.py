@@ -169,7 +169,7 @@ def build_moe(name: str, out: Path, base: Path, experts: dict[str, Path], prompt
     entries = []
     for domain in DOMAINS:
         entry = {"source_model": str(experts[domain])}
-        if gate_mode == "hidden":
+        if gate_mode in ("hidden", "cheap_embed"):
             other = next(d for d in DOMAINS if d != domain)
             entry.update(positive_prompts=prompts[domain], negative_prompts=prompts[other])
         entries.append(entry)
@@ -294,10 +294,11 @@ def run(args) -> dict:
     tokenizer, data, prompts = prepare(args)
     held_out = {d: data[d]["eval"] for d in DOMAINS}
     finetunes, experts = {}, {}
+    cache = Path(args.finetunes) if args.finetunes else out / "finetunes"
     for domain in DOMAINS:
         _say(f"fine-tuning on {domain}: {args.steps} steps of {args.batch} x {args.seq} tokens")
-        finetunes[domain] = finetune(dense, tokenizer, data[domain]["train"], out / "finetunes", args, domain)
-        experts[domain] = out / "finetunes" / finetunes[domain]["folder"]
+        finetunes[domain] = finetune(dense, tokenizer, data[domain]["train"], cache, args, domain)
+        experts[domain] = cache / finetunes[domain]["folder"]
     models = {"base": dense, "code-FT": experts["code"], "prose-FT": experts["prose"]}
     moe_names, conversions = [], {}
     for gate_mode, top_k in [(g, int(k)) for g in args.gate_modes.split(",") for k in args.top_k.split(",")]:
@@ -347,6 +348,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/experiments/btx", help="results, plot and the cached fine-tunes")
     p.add_argument("--dense", default=str(DEFAULT_DENSE), help="the dense model folder both fine-tunes start from")
     p.add_argument("--tokenizer", default=str(CACHE / "smollm2-tokenizer"), help="its tokenizer folder")
+    p.add_argument("--finetunes", default=None, help="where the fine-tunes are cached (default OUT/finetunes)")
     p.add_argument("--code-root", default=None, help="the Python files of the code domain (default: the stdlib)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=4)
