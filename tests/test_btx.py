@@ -20,12 +20,13 @@ def test_btx_pipeline_runs_end_to_end_on_a_tiny_model(tmp_path, smollm2_tokenize
     out = tmp_path / "out"
     argv = ["--out", out, "--dense", tmp_path / "dense", "--tokenizer", smollm2_tokenizer_dir, "--steps", 2,
             "--batch", 2, "--seq", 32, "--eval-blocks", 2, "--prompts", 2, "--prompt-tokens", 16, "--top-k", "1",
+            "--gate-modes", "hidden",
             "--code-root", Path(btx.__file__).parent.parent / "upcycled_moe"]  # a small tree of Python files
     args = btx.parser().parse_args([str(a) for a in argv])
     doc = btx.run(args)
     assert (out / "results.json").is_file() and (out / "routing_shares.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["summary"] == doc["summary"]
-    assert set(doc["summary"]) == {"base", "code-FT", "prose-FT", "MoE(hidden, top-1)", "MoE(random, top-1)"}
+    assert set(doc["summary"]) == {"base", "code-FT", "prose-FT", "MoE(hidden, top-1)"}
     for name, row in doc["summary"].items():
         assert math.isfinite(row["code_ppl"]) and math.isfinite(row["prose_ppl"]), (name, row)
     shares = doc["summary"]["MoE(hidden, top-1)"]["code_own_expert_share"]
