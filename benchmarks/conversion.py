@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,7 +229,7 @@ def summary(rows: list[dict]) -> list[dict]:
             mine = [r for r in rows if r["experts"] == n and r["tool"] == tool]
             if mine:
                 walls = sorted(r["wall_s"] for r in mine)
-                line[tool] = {"wall_s": walls, "median_wall_s": walls[len(walls) // 2],
+                line[tool] = {"wall_s": walls, "median_wall_s": statistics.median(walls),
                               "peak_rss_mib": max(r["peak_rss_mib"] for r in mine),
                               "output_mib": mine[-1]["output_mib"]}
         if "ours" in line and "mergekit" in line:
@@ -239,8 +240,8 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def print_comparison(source: Path, rows: list[dict], table: list[dict]) -> None:
-    print(f"source {source} ({os.cpu_count()} CPUs); wall = whole command incl. imports, median of {len(rows)} runs "
-          "split over tools and counts; RSS = largest peak")
+    print(f"source {source} ({os.cpu_count()} CPUs); wall = the whole command, imports included (median over the "
+          "repetitions); RSS = the largest peak")
     print(f"{'run':>3} {'tool':>8} {'experts':>7} {'wall s':>7} {'peak RSS MiB':>12} {'output MiB':>10}  load before")
     for i, r in enumerate(rows):
         print(f"{i:>3} {r['tool']:>8} {r['experts']:>7} {r['wall_s']:>7.1f} {r['peak_rss_mib']:>12.0f} "

@@ -115,6 +115,6 @@ def test_conversion_benchmark_runs_both_tools_alternating_and_reports_ratios_and
     assert line["rss_ratio"] == pytest.approx(runs["ours"]["peak_rss_mib"] / runs["mergekit"]["peak_rss_mib"])
     profile = runs["ours"]["profile"]
     phases = profile["phases_s"]
-    assert {"read", "write", "build", "plan (config, model class on meta)"} <= set(phases)
+    assert {"read", "build", "cast", "check", "write", "plan (config, model class on meta)"} <= set(phases)
     assert sum(phases.values()) == pytest.approx(profile["conversion_s"], rel=0.05)
     assert 0 < profile["startup_and_imports_s"] < runs["ours"]["wall_s"]

@@ -98,7 +98,7 @@ def test_default_router_builds_each_layers_expert_once_bit_exact_with_the_float3
     real = methods.build_expert
     monkeypatch.setattr(convert_module, "build_expert", lambda *a, **k: builds.append(a[3]) or real(*a, **k))
     upcycle(tiny_dense_dirs["llama"], tmp_path / "moe", num_experts=6, top_k=2, dtype="bfloat16")
-    assert len(builds) == 2 * 2  # gate_up_proj and down_proj, in each of the 2 layers (was 6 experts x 2 x 2)
+    assert len(builds) == 2  # once in each of the 2 layers, for gate_up_proj and down_proj (was 6 x 2 x 2)
     root = Path(tiny_dense_dirs["llama"])
     with safe_open(root / "model.safetensors", "pt") as f:
         dense = {k: f.get_tensor(k) for k in f.keys()}

@@ -206,6 +206,7 @@ class DenseMlpCache:
         self.gated = gated
         self.copies_only = copies_only
         self.key, self.value = None, None
+        self.built, self.built_for = None, None  # the last expert built (shared by its gate_up and down tensors)
 
     def _read(self, source: DenseSource, name: str) -> torch.Tensor:
         tensor = source.get(name)
@@ -234,7 +235,7 @@ def _copy_producer(source: DenseSource, name: str, dtype: torch.dtype, multiplie
         for start in range(0, shape[0], step):
             with timed("read"):
                 chunk = source.get(name, slice(start, min(start + step, shape[0])))
-            with timed("assemble (cat, cast)"):
+            with timed("cast"):
                 if multiplier != 1.0:
                     chunk = chunk.float() * multiplier
                 chunk = chunk.to(dtype)
@@ -311,6 +312,16 @@ def tensor_plans(plan: ConversionPlan) -> list[TensorPlan]:
     return plans
 
 
+def _cast_stacked(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(1, Σ rows, cols) in `dtype`: the parts cast straight into place (one pass; no float32 concatenation)."""
+    out = torch.empty((1, sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=dtype)
+    start = 0
+    for part in parts:
+        out[0, start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return out
+
+
 def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
     """Producers for a sparse layer's router, routed experts (one expert per chunk) and shared expert.
 
@@ -320,13 +331,16 @@ def _sparse_producer(plan, cache, recipe, layer, leaf, gated):
     dtype, slots = plan.dtype, plan.expert_slots()
 
     def build(e, slot, which):
-        with timed("read"):
-            dense = cache.get(slot.source, layer)
-        with timed("build"):
-            g, u, d = build_expert(*dense, e, layer, recipe, rows=slot.rows)
-        with timed("assemble (cat, cast)"):
-            out = torch.cat([g, u], dim=0) if which == "gate_up_proj" else (u if which == "up_proj" else d)
-            return out.unsqueeze(0).to(dtype)
+        key = None if recipe.per_expert else (id(slot.source), layer, slot.rows.start, slot.rows.stop)
+        if key is None or cache.built_for != key:
+            cache.built = None
+            with timed("read"):
+                dense = cache.get(slot.source, layer)
+            with timed("build"):
+                cache.built, cache.built_for = build_expert(*dense, e, layer, recipe, rows=slot.rows), key
+        g, u, d = cache.built
+        with timed("cast"):
+            return _cast_stacked([g, u] if which == "gate_up_proj" else [u if which == "up_proj" else d], dtype)
 
     def experts(which):
         def produce():
