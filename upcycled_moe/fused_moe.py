@@ -416,11 +416,6 @@ def _gmm_wgrad(a_t, b, offs):
     return out
 
 
-def _zero_tail(out, offs):
-    """Rows past offs[-1] (sentinel slots) set to zero; grouped_mm leaves them unwritten."""
-    return torch.where((torch.arange(out.shape[0], device=out.device) < offs[-1]).unsqueeze(-1), out, 0.0)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # routing metadata
 # --------------------------------------------------------------------------------------------------------------
@@ -607,7 +602,7 @@ def _define_ops():
 
     @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_gmm", mutates_args=())
     def gmm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-        return _zero_tail(_gmm(a, b, offs), offs)
+        return _gmm(a, b, offs)  # rows past offs[-1] unspecified, as _gmm's
 
     @gmm_op.register_fake
     def _(a, b, offs):
@@ -616,7 +611,7 @@ def _define_ops():
     @library.custom_op("upcycled_moe::" + _OP_PREFIX + "_gmm_bwd", mutates_args=())
     def gmm_bwd_op(a: Tensor, b: Tensor, offs: Tensor, dout: Tensor, need_a: bool,
                    need_b: bool) -> tuple[Tensor, Tensor]:
-        da = _zero_tail(_gmm(dout, b.transpose(-2, -1), offs), offs) if need_a else a.new_empty(0)
+        da = _gmm(dout, b.transpose(-2, -1), offs) if need_a else a.new_empty(0)
         db = _gmm_wgrad(a.t(), dout, offs) if need_b else b.new_empty(0)
         return da, db
 
@@ -701,7 +696,11 @@ def _fused_core_compiled(x, top_k_index, top_k_weights, w1, w2, transposed, gate
         return _FWD_OP(x, top_k_weights, w1, w2, perm, tok, pos, offs, transposed, gated, n_inter, act, out_dtype)[0]
     w1_t = w1 if transposed else w1.transpose(-2, -1)
     w2_t = w2 if transposed else w2.transpose(-2, -1)
-    gu = _GMM_OP(x.index_select(0, tok), w1_t, offs)  # rows past offs[-1] (sentinel slots) are zero
+    # rows past offs[-1] (sentinel slots) come out of a grouped GEMM unwritten, in either pass: masked on the way
+    # in (whose backward zeroes them in d x_g) and on the way out (kept out of the activation)
+    valid = (torch.arange(tok.shape[0], device=x.device) < offs[-1]).unsqueeze(-1)
+    x_g = torch.where(valid, x.index_select(0, tok), 0.0)
+    gu = torch.where(valid, _GMM_OP(x_g, w1_t, offs), 0.0)
     fn = _torch_act(act) if act is not None else act_fn
     h = fn(gu[:, :n_inter].float()) * gu[:, n_inter:].float() if gated else fn(gu.float())
     y = _GMM_OP(h.to(gu.dtype), w2_t, offs)
