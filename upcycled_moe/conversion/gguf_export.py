@@ -132,9 +132,12 @@ def export_gguf(moe, output, *, llama_cpp=None, outtype: str = "f16", overwrite:
     check_converter_imports(script)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        stock = export(checkpoint.folder, staging / via, via)
+        # named like the source: the converter takes general.name from the folder's name
+        stock = export(checkpoint.folder, staging / checkpoint.folder.name, via)
         partial = staging / out.name
         cmd = [sys.executable, str(script), str(stock), "--outfile", str(partial), "--outtype", outtype]
+        if not quiet:
+            print(f"converting the {via} export with {script}")
         res = subprocess.run(cmd, env=converter_env(script), capture_output=True, text=True)
         if res.returncode != 0 or not partial.is_file():
             last = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
