@@ -3,8 +3,8 @@
 The default run checks the refusals (seconds, no llama.cpp): no converter, a model llama.cpp would compute
 differently, a converter that fails; each is one error line, exit 2, nothing left behind.
 
-Opt-in (`--run llamacpp`, ~10 min on 2 cores the first time, most of it building llama-cpp-python 0.3.36 from its
-sdist; the build is cached under the test cache): the real SmolLM2-135M-Instruct upcycled to 4 experts top-2 goes
+Opt-in (`--run llamacpp`; 47 min on 2 busy cores the first time, nearly all of it building llama-cpp-python 0.3.36 from its
+sdist, cached under the test cache; ~3 min after): the real SmolLM2-135M-Instruct upcycled to 4 experts top-2 goes
 through Mixtral, a small random Qwen3 upcycled the same way through Qwen3-MoE, both to f32 GGUF with the
 converter the sdist vendors; llama.cpp (through llama-cpp-python) must tokenise the chat prompts and generate the
 same greedy tokens as transformers.
