@@ -3,11 +3,11 @@
 The default run checks the refusals (seconds, no llama.cpp): no converter, a model llama.cpp would compute
 differently, a converter that fails; each is one error line, exit 2, nothing left behind.
 
-Opt-in (`--run llamacpp`; 47 min on 2 busy cores the first time, nearly all of it building llama-cpp-python 0.3.36 from its
-sdist, cached under the test cache; ~3 min after): the real SmolLM2-135M-Instruct upcycled to 4 experts top-2 goes
-through Mixtral, a small random Qwen3 upcycled the same way through Qwen3-MoE, both to f32 GGUF with the
-converter the sdist vendors; llama.cpp (through llama-cpp-python) must tokenise the chat prompts and generate the
-same greedy tokens as transformers.
+Opt-in (`--run llamacpp`; 47 min on 2 busy cores the first time, nearly all of it building llama-cpp-python
+0.3.36 from its sdist, cached under the test cache; ~3 min after): the real SmolLM2-135M-Instruct upcycled to
+4 experts top-2 goes through Mixtral, a small random Qwen3 upcycled the same way through Qwen3-MoE, both to f32
+GGUF with the converter the sdist vendors; llama.cpp (through llama-cpp-python, f32 KV cache) must tokenise the
+chat prompts and generate the same greedy tokens as transformers.
 """
 
 import json
@@ -39,8 +39,9 @@ def test_gguf_without_a_converter_is_one_error_and_writes_nothing(tmp_path, tiny
     lines = error_lines(capsys)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "--llama-cpp" in lines[0], lines
     assert "convert_hf_to_gguf.py" in lines[0] and "pip download" in lines[0]
-    (tmp_path / "empty").mkdir()
-    assert main(["export", str(tiny_dir), str(out / "m.gguf"), "--to", "gguf", "--llama-cpp", str(tmp_path / "empty")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(tiny_dir), str(out / "m.gguf"), "--to", "gguf", "--llama-cpp", str(empty)]) == 2
     lines = error_lines(capsys)
     assert len(lines) == 1 and "holds no convert_hf_to_gguf.py" in lines[0], lines
     assert list(out.iterdir()) == []
