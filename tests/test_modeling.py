@@ -712,7 +712,9 @@ def test_router_logits_hidden_states_and_attentions_together():
     torch.testing.assert_close(logits_block, logits_direct)
 
 
-def test_compiled_layers_break_only_at_the_fused_experts_call():
+def test_compiled_layers_do_not_break_the_graph():
+    """Regional compilation of every decoder layer, forward and backward with the router losses: the fused experts
+    run as custom ops under compilation, so nothing falls back to Python (it broke at every experts call)."""
     import torch._dynamo
 
     model = small_model().train()
@@ -728,8 +730,7 @@ def test_compiled_layers_break_only_at_the_fused_experts_call():
     finally:
         torch._dynamo.reset()
     assert out.aux_loss is not None and torch.isfinite(out.loss)
-    assert reasons, "expected the fused experts call to break the graph"
-    assert all("torch.compiler.disable" in r or "disable" in r for r in reasons), reasons
+    assert not reasons, reasons
 
 
 def test_padding_neither_fills_nor_sizes_the_capacity():

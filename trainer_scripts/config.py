@@ -326,7 +326,7 @@ class PretrainConfig:
     experts_implementation: str | None = opt(None, "transformers experts kernel: eager, grouped_mm, ... (None: the model's default)")
     attn_implementation: str | None = opt(None, "sdpa, eager, flash_attention_2, ... (None: transformers' default)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (saves memory)")
-    torch_compile: bool = opt(False, "compile each decoder layer with torch.compile (regional: quick to compile; the fused experts call runs eagerly). Recommended on GPUs")
+    torch_compile: bool = opt(False, "compile each decoder layer with torch.compile (regional: quick to compile; each layer is one graph, the fused experts included). Recommended on GPUs")
     torch_compile_backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to check graphs without code generation)")
     torch_compile_mode: str | None = opt(None, "torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
     loss_chunk_size: int = opt(4096, "LM loss from the head in chunks of this many tokens, gradients in the same pass: the (tokens x vocab) logits never exist whole (0 = full logits)")
