@@ -312,3 +312,26 @@ def test_calibrated_scale_makes_the_mean_gain_one_on_real_text(tiny_llama_with_t
         h.remove()
     for i, s in scales.items():
         assert s * mass[i] == pytest.approx(1.0, abs=0.01)  # G = 1; the MoE's own activations
+
+
+def test_quiet_convert_prints_nothing_even_from_libraries(capsys, llama, tmp_path, monkeypatch):
+    """--quiet means errors only: transformers' GGUF dequantisation draws a plain tqdm bar on stderr, which the
+    library's own progress-bar switch does not reach. Here the source load draws one; the error line still shows."""
+    from tqdm.auto import tqdm
+
+    import upcycled_moe.conversion.convert as convert_module
+
+    real_open = convert_module.open_source
+
+    def open_with_a_bar(*args, **kwargs):
+        for _ in tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "open_source", open_with_a_bar)
+    assert main(["convert", str(llama), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert main(["convert", str(llama), str(tmp_path / "moe"), "--num-experts", "2", "--quiet"]) == 2  # exists
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err

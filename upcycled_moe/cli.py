@@ -105,6 +105,16 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    if args.quiet:  # nothing but errors: libraries' own bars too (transformers' GGUF dequantisation has a plain tqdm)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # errors are printed by main(), outside this block
+            return _convert(args)
+    return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from .conversion import UpcycleError, UpcycleOptions, upcycle
     from .conversion.multi_source import load_spec, upcycle_multi
 
