@@ -70,6 +70,7 @@ def measure(args) -> int:
           f"({compiled / args.layers:.3f} ms per layer)")
     for reason, count in reasons.items():
         print(f"  graph break x{count}: {reason}")
+    print(f"graph breaks: {sum(reasons.values())}")
     return 0
 
 

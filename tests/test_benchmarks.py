@@ -77,13 +77,13 @@ def test_router_terms_benchmark_batched_form_agrees_and_dispatches_fewer_operato
     assert batched * 4 < per_layer
 
 
-def test_host_overhead_benchmark_runs_and_reports_only_the_experts_graph_break(capsys):
+def test_host_overhead_benchmark_runs_and_reports_no_graph_break(capsys):
     host_overhead = import_benchmark("host_overhead")
     assert host_overhead.main(["--layers", "3", "--steps", "2", "--backend", "eager"]) == 0
     out = capsys.readouterr().out
     assert "3 layers on cpu: step eager" in out
-    breaks = [line for line in out.splitlines() if "graph break" in line]
-    assert breaks and all("disable" in line for line in breaks), breaks
+    breaks = [line for line in out.splitlines() if "graph break x" in line]
+    assert not breaks and "graph breaks: 0" in out, out  # the fused experts are custom ops under compilation
 
 
 def test_conversion_benchmark_runs_both_tools_alternating_and_reports_ratios_and_profile(tmp_path, tiny_dense_dirs,
