@@ -156,3 +156,32 @@ def test_console_script_exits_without_tearing_down_the_interpreter(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "atexit ran" in proc.stdout and "module teardown" not in proc.stdout, proc.stdout
+
+
+def test_gguf_header_is_parsed_once_while_transformers_loads_it(tmp_path):
+    """transformers opens a GGUF file three times (config, weights, tokenizer) and rebuilds gguf's tensor-name table
+    per module; inside gguf_parsed_once the same read-only reader and table are handed back, and gguf is as it was
+    afterwards. (The dequantised SmolLM2 weights and tokenizer loaded this way are bit-identical to a plain load:
+    checked by hand, 2026-12-02; the demo's perplexity check reads them too.)"""
+    import gguf
+    import numpy as np
+
+    from upcycled_moe.conversion.sources import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is first and gguf.GGUFReader(path, "r+") is not first
+        assert first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)
+    assert gguf.GGUFReader(path) is not first

@@ -513,7 +513,15 @@ def launch_two(args: list[str]) -> subprocess.CompletedProcess:
     return res
 
 
-def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_dir, corpus):
+class _Planted:  # unpickling it would create the marker file
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_dir, corpus, capsys):
     """2 processes with the DGS hook: compression is logged, and a run resumed from a checkpoint (hook momentum
     restored) reproduces the uninterrupted run's losses."""
     dgs = dict(max_steps=6, save_steps=3, save_total_limit=3, dgs_density=0.05, dgs_start_step=2,
@@ -525,19 +533,16 @@ def test_dgs_option_trains_logs_compression_and_resumes_exactly(tmp_path, tiny_d
     marker = tmp_path / "pwned"
     assert (ckpt / "dgs_state.safetensors").exists() and not list(ckpt.glob("custom_checkpoint*"))
     planted = ckpt / "custom_checkpoint_0.pkl"
-    subprocess.run([sys.executable, "-c", "import torch\nclass Evil:\n def __reduce__(self):\n"
-                    f"  return (open, ({str(marker)!r}, 'w'))\ntorch.save({{'x': Evil()}}, {str(planted)!r})"],
-                   check=True, env=ENV)
+    import torch
+
+    torch.save({"x": _Planted(marker)}, planted)
     manifest = json.loads((ckpt / "training_state.json").read_text())
     manifest["files"]["custom_checkpoint_0.pkl"] = {"size": planted.stat().st_size,
                                                     "sha256": hashlib.sha256(planted.read_bytes()).hexdigest()}
     (ckpt / "training_state.json").write_text(json.dumps(manifest))
     resumed = tmp_path / "resumed"
-    cmd = [sys.executable, "-m", "trainer_scripts.continued_pretraining",
-           *base_args(tiny_dir, corpus, resumed, resume=ckpt, **{k: v for k, v in dgs.items() if "dgs" not in k})]
-    res = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    errors = [x for x in res.stderr.splitlines() if "error:" in x]
-    assert res.returncode == 2 and len(errors) == 1 and "custom_checkpoint_0.pkl is a pickle" in errors[0], res.stderr
+    _fails(capsys, base_args(tiny_dir, corpus, resumed, resume=ckpt, **{k: v for k, v in dgs.items() if "dgs" not in k}),
+           "custom_checkpoint_0.pkl is a pickle")
     assert not marker.exists()
     planted.unlink()
     del manifest["files"]["custom_checkpoint_0.pkl"]
