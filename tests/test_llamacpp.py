@@ -75,6 +75,22 @@ def test_gguf_refuses_what_llama_cpp_computes_differently(tmp_path, tiny_dir, ca
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("fields, says", [
+    (dict(mlp_layer_types=["dense", "sparse"]), "--moe-layers all"),  # llama.cpp wants a router in every layer
+    (dict(attention_bias=True, attention_out_bias=True), "o_proj bias"),  # its graphs have no o_proj bias
+])
+def test_gguf_refuses_what_llama_cpp_cannot_load(tmp_path, smollm2_tokenizer_dir, capsys, fields, says):
+    moe = make_tiny_moe_dir(tmp_path / "moe", smollm2_tokenizer_dir, router_type="topk_softmax", **fields)
+    tree = fake_llama_cpp(tmp_path / "llama.cpp", FAILING_CONVERTER)
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    assert main(["export", str(moe), str(out / "m.gguf"), "--to", "gguf", "--llama-cpp", str(tree)]) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and says in lines[0], lines
+    assert list(out.iterdir()) == []
+
+
 def test_a_failing_converter_is_one_error_and_leaves_nothing(tmp_path, smollm2_tokenizer_dir, capsys):
     moe = make_tiny_moe_dir(tmp_path / "moe", smollm2_tokenizer_dir, router_type="topk_softmax")
     tree = fake_llama_cpp(tmp_path / "llama.cpp", FAILING_CONVERTER)
@@ -130,7 +146,7 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 path, prompts, n_new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-# logits_all fills llm.scores; an f32 KV cache (GGML_TYPE_F32 = 0): the default f16 one moves the logits ~1e-3
+# logits_all fills llm.scores; an f32 KV cache (GGML_TYPE_F32 = 0): the default f16 one moved a random Qwen3-MoE's logits by up to 1e-2
 llm = Llama(path, n_ctx=512, n_threads=2, n_batch=512, logits_all=True, type_k=0, type_v=0, verbose=False)
 out = []
 for text, ids in prompts:

@@ -105,12 +105,19 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    if args.quiet:  # nothing but errors: libraries' own bars too (transformers' GGUF dequantisation has a plain tqdm)
+    if args.quiet:  # errors only: also transformers' warnings, and its GGUF dequantisation's plain tqdm bar
         import contextlib
         import io
 
-        with contextlib.redirect_stderr(io.StringIO()):  # errors are printed by main(), outside this block
-            return _convert(args)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # errors are printed by main(), outside this block
+                return _convert(args)
+        finally:
+            hf_logging.set_verbosity(level)
     return _convert(args)
 
 

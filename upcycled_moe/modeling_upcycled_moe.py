@@ -432,7 +432,7 @@ class UpcycledMoeSparseMoeBlock(nn.Module):
         if self.config.capacity_factor is not None and self.experts.num_experts < self.config.num_experts:
             # Expert parallel (transformers set num_experts to this rank's share): its token dispatch needs every id
             # to name a real expert, so a dropped slot goes to expert 0 with the weight of 0 it already has.
-            top_k_index = top_k_index.masked_fill(top_k_index == self.gate.config.num_experts, 0)
+            top_k_index = top_k_index.masked_fill(top_k_index == self.config.num_experts, 0)
         out = self.experts(flat, top_k_index, top_k_weights.to(flat.dtype))
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(flat)

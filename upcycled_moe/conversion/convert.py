@@ -258,7 +258,7 @@ def _average_producer(sources: list[DenseSource], name: str, dtype: torch.dtype)
             total = None
             for src in sources:
                 chunk = (src.get(name) if r is None else src.get(name, r)).float()
-                total = chunk if total is None else total.add_(chunk)
+                total = chunk.clone() if total is None else total.add_(chunk)  # an in-memory source's own tensor
             total /= len(sources)
             yield total.to(dtype).reshape(1) if r is None else total.to(dtype)
 

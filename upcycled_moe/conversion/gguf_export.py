@@ -72,6 +72,11 @@ def llama_cpp_limits(config) -> list[str]:
                        "model does not: convert with --router topk_softmax")
     if "sliding_attention" in config.layer_types:
         reasons.append("sliding-window attention (llama.cpp's llama graph attends to the whole context)")
+    if "dense" in (config.mlp_layer_types or []):
+        reasons.append("dense MLP layers between the MoE layers (llama.cpp's mixtral and qwen3moe graphs require a "
+                       "router in every layer): convert with --moe-layers all")
+    if getattr(config, "attention_out_bias", False):
+        reasons.append("an o_proj bias (llama.cpp's graphs have none, so the GGUF would not load)")
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type != "default":
         reasons.append(f"rope_type {rope_type!r} (only the default RoPE is checked through llama.cpp's converter)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -63,5 +64,8 @@ def profile_session():
         total = time.perf_counter() - start
         record = {"startup_and_imports_s": before, "conversion_s": total, "phases_s": _totals}
         _totals = None
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
+        except OSError as exc:  # a profile is a side note: it never fails a conversion or hides its error
+            print(f"warning: could not write the profile to {path}: {exc.strerror or exc}", file=sys.stderr)
