@@ -218,37 +218,22 @@ def top1_shares(folder, tokenizer_dir, texts) -> list[list[float]]:
             for p in picks.values()]
 
 
-def test_hidden_routing_sends_each_domain_to_its_expert(tmp_path, vocab_model, smollm2_tokenizer_dir):
+# cheap_embed: the tiny Llama has attention output biases, a constant added to every token's residual stream and most
+# of each MoE input (|mean| 7.3 of |h| 8.1 at layer 0). Rows taken from the raw embeddings had a large component
+# along it, so every token went to one expert (code 1.0 / 0.96 to expert 0, prose 0.03 / 0.24 to expert 1); adding
+# only the biases fixed layer 0 alone (prose 0.70 / 0.30), so the layers below run (uniform attention, MLPs).
+@pytest.mark.parametrize("gate_mode", ["hidden", "cheap_embed"])
+def test_prompt_routing_sends_each_domain_to_its_expert(tmp_path, vocab_model, smollm2_tokenizer_dir, gate_mode):
     base, code_model, prose_model = vocab_model
     cfg = write_yaml(tmp_path / "moe.yaml", {
-        "base_model": str(base), "gate_mode": "hidden", "experts_per_token": 1, "dtype": "float32",
+        "base_model": str(base), "gate_mode": gate_mode, "experts_per_token": 1, "dtype": "float32",
         "experts": [{"source_model": str(code_model), "positive_prompts": CODE, "negative_prompts": PROSE},
                     {"source_model": str(prose_model), "positive_prompts": PROSE, "negative_prompts": CODE}],
     })
     out = tmp_path / "moe"
     assert cli("convert", "--config", cfg, out, "--quiet") == 0
     code, prose = top1_shares(out, smollm2_tokenizer_dir, CODE), top1_shares(out, smollm2_tokenizer_dir, PROSE)
-    print(f"\nhidden: code tokens to expert 0 per layer {[round(s[0], 2) for s in code]}, "
-          f"prose tokens to expert 1 {[round(s[1], 2) for s in prose]}")
-    for layer in range(2):
-        assert code[layer][0] > 0.6 and prose[layer][1] > 0.6, (layer, code, prose)
-
-
-def test_cheap_embed_routing_sends_each_domain_to_its_expert(tmp_path, vocab_model, smollm2_tokenizer_dir):
-    """The tiny Llama has attention output biases: a constant added to every token's residual stream, most of each
-    MoE input (|mean| 7.3 of |h| 8.1 at layer 0). Rows taken from the raw embeddings had a large component along
-    it, so every token went to one expert (code 1.0 / 0.96 to expert 0, prose 0.03 / 0.24 to expert 1); adding
-    only the biases fixed layer 0 alone (prose 0.70 / 0.30), so the layers below run (uniform attention, MLPs)."""
-    base, code_model, prose_model = vocab_model
-    cfg = write_yaml(tmp_path / "moe.yaml", {
-        "base_model": str(base), "gate_mode": "cheap_embed", "experts_per_token": 1, "dtype": "float32",
-        "experts": [{"source_model": str(code_model), "positive_prompts": CODE, "negative_prompts": PROSE},
-                    {"source_model": str(prose_model), "positive_prompts": PROSE, "negative_prompts": CODE}],
-    })
-    out = tmp_path / "moe"
-    assert cli("convert", "--config", cfg, out, "--quiet") == 0
-    code, prose = top1_shares(out, smollm2_tokenizer_dir, CODE), top1_shares(out, smollm2_tokenizer_dir, PROSE)
-    print(f"\ncheap_embed: code tokens to expert 0 per layer {[round(s[0], 2) for s in code]}, "
+    print(f"\n{gate_mode}: code tokens to expert 0 per layer {[round(s[0], 2) for s in code]}, "
           f"prose tokens to expert 1 {[round(s[1], 2) for s in prose]}")
     for layer in range(2):
         assert code[layer][0] > 0.6 and prose[layer][1] > 0.6, (layer, code, prose)

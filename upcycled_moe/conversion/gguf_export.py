@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UpcycleError
+from .writer import check_parent_writable
 
 CONVERTER = "convert_hf_to_gguf.py"
 ENV_VAR = "UPCYCLED_MOE_LLAMA_CPP"
@@ -115,10 +116,7 @@ def check_gguf_output(output, overwrite: bool, source_folder: Path) -> Path:
         raise UpcycleError(f"output {out} exists: pass --overwrite to replace it")
     if out.is_relative_to(source_folder):
         raise UpcycleError(f"output {out} is inside the source folder {source_folder}: choose a file outside it")
-    if not out.parent.is_dir():
-        raise UpcycleError(f"the parent folder of the output, {out.parent}, does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UpcycleError(f"cannot write into {out.parent} (permission denied): choose a writable folder")
+    check_parent_writable(out)
     return out
 
 

@@ -202,11 +202,16 @@ def check_output(output, overwrite: bool, source_folder: Path | None = None) -> 
             raise UpcycleError(f"output {out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise UpcycleError(f"output {out} exists and is not empty: pass --overwrite to replace it")
+    check_parent_writable(out)
+    return out
+
+
+def check_parent_writable(out: Path) -> None:
+    """The output (a folder or a file) is written next to itself first, so its parent must exist and take files."""
     if not out.parent.is_dir():
         raise UpcycleError(f"the parent folder of the output, {out.parent}, does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise UpcycleError(f"cannot write into {out.parent} (permission denied): choose a writable output folder")
-    return out
 
 
 class AtomicFolder:
